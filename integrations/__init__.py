@@ -1,0 +1,1 @@
+"""Thin adapters that connect NSLoRA to fine-tuning frameworks (installed as `nslora_plugin.integrations`)."""

@@ -1,0 +1,1 @@
+"""NSLoRA adapter for axolotl."""

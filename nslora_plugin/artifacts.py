@@ -1,0 +1,160 @@
+"""What a run leaves behind under `<output_dir>/nslora/`, and loading it back with one call.
+
+    prompt.json            current system prompt, its version and the initial one
+    prompt_history.jsonl   every candidate (accepted or not) with editor, scores and reason
+    decisions.jsonl        every routing decision / edit verdict / editor fault, with its reason
+    probe_reports.jsonl    one summary line per probe evaluation
+    augmented.jsonl        augmented training rows ("prompts as data"); also `augmented/` as a
+                           `datasets` folder (`datasets.load_from_disk`)
+    state.json             loop state (router, monitor, usage) used on resume
+    config.json            the NSLoRAConfig of the run (no secrets: keys are never in it)
+    summary.json           before/after numbers, written at the end
+
+The folder is copied into every `checkpoint-N/` and into the final output folder so that an
+adapter and its prompt always travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+ARTIFACT_DIR = "nslora"
+_NOT_COPIED = ("editor_logs", "editor_cache")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def write_json(self, name: str, data: Any) -> None:
+        _atomic_write(self.path(name), json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+    def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.path(name), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            fh.flush()
+
+    def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        _atomic_write(self.path(name), _jsonl(rows))
+
+    def write_prompt(self, current: str | None, version: int, initial: str | None,
+                     history: list[dict[str, Any]]) -> None:
+        self.write_json("prompt.json", {"system_prompt": current, "version": version,
+                                        "initial_system_prompt": initial})
+        self.write_jsonl("prompt_history.jsonl", history)
+
+    def write_augmented(self, rows: list[dict[str, Any]]) -> None:
+        self.write_jsonl("augmented.jsonl", rows)
+        if rows:
+            from datasets import Dataset
+
+            target = self.path("augmented")
+            tmp = self.path(".augmented.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+
+    def copy_into(self, folder: str | Path) -> Path:
+        """Copy the artifacts into `folder/nslora` (a checkpoint or the final adapter folder)."""
+        dest = Path(folder) / ARTIFACT_DIR
+        if dest.resolve() == self.root.resolve():
+            return dest
+        shutil.copytree(self.root, dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*_NOT_COPIED, ".*.tmp", ".*"))
+        return dest
+
+
+@dataclass
+class NSLoRAArtifacts:
+    """Everything a run produced, as loaded by `load_artifacts`."""
+
+    root: Path
+    system_prompt: str | None
+    prompt_version: int
+    initial_system_prompt: str | None
+    prompt_history: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    probe_reports: list[dict[str, Any]] = field(default_factory=list)
+    augmented_rows: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def augmented_dataset(self) -> Any:
+        """The augmented rows as a `datasets.Dataset`."""
+        from datasets import Dataset, load_from_disk
+
+        folder = self.root / "augmented"
+        if folder.is_dir():
+            return load_from_disk(str(folder))
+        return Dataset.from_list(self.augmented_rows)
+
+
+def find_artifact_dir(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, path / ARTIFACT_DIR):
+        if (candidate / "prompt.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"No NSLoRA artifacts under {str(path)!r}: expected {ARTIFACT_DIR}/prompt.json in a run's "
+        "output folder, a checkpoint-N folder or the final adapter folder")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line after a hard kill
+                continue
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_artifacts(path: str | Path) -> NSLoRAArtifacts:
+    """Load a run's artifacts from its output folder, a checkpoint or the final adapter folder."""
+    root = find_artifact_dir(path)
+    prompt = _read_json(root / "prompt.json")
+    return NSLoRAArtifacts(
+        root=root,
+        system_prompt=prompt.get("system_prompt"),
+        prompt_version=int(prompt.get("version", 0)),
+        initial_system_prompt=prompt.get("initial_system_prompt"),
+        prompt_history=_read_jsonl(root / "prompt_history.jsonl"),
+        decisions=_read_jsonl(root / "decisions.jsonl"),
+        probe_reports=_read_jsonl(root / "probe_reports.jsonl"),
+        augmented_rows=_read_jsonl(root / "augmented.jsonl"),
+        config=_read_json(root / "config.json"),
+        summary=_read_json(root / "summary.json"),
+        state=_read_json(root / "state.json"),
+    )

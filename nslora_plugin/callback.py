@@ -1,0 +1,141 @@
+"""`NSLoRACallback`: the loop as a transformers `TrainerCallback`, usable from any Trainer subclass
+(TRL's SFTTrainer, Axolotl's and LLaMA-Factory's trainers).
+
+What it hooks, and why there:
+- on_train_begin: builds the loop, wraps the train dataloader's `collate_fn` (so accepted prompts
+  and augmented rows reach the batches), adds a forward hook that reads each micro-batch loss
+  (callbacks never see it), takes the baseline probe.
+- on_pre_optimizer_step: gradient norm of the trainable (LoRA) parameters, after clipping — exact
+  below `max_grad_norm`, which is where the saturation threshold lives.
+- on_step_end: closes the step in the monitor and runs a check when one is due.
+- on_log: adds `nslora/*` metrics to the trainer's own logs, so `report_to` carries them.
+- on_save / on_train_end: artifacts into `checkpoint-N/nslora` and `<output_dir>/nslora`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import TrainerCallback
+
+from .artifacts import ARTIFACT_DIR
+from .config import NSLoRAConfig
+from .data import load_probe_examples
+from .loop import NeurosymbolicLoop
+from .monitor import trainable_grad_norm
+
+log = logging.getLogger("nslora")
+
+
+class NSLoRACallback(TrainerCallback):
+    def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
+                 tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None) -> None:
+        if config is None:
+            config = NSLoRAConfig()
+        elif isinstance(config, dict):
+            config = NSLoRAConfig.from_dict(config)
+        elif isinstance(config, (str, Path)):
+            config = NSLoRAConfig.from_yaml(config)
+        self.config: NSLoRAConfig = config
+        self.probe_source = probe if probe is not None else config.probe_path
+        self.tokenizer = tokenizer
+        self.plugins = list(plugins)
+        self.console = console
+        self.loop: NeurosymbolicLoop | None = None
+        self.summary: dict[str, Any] = {}
+        self._hook_handle: Any = None
+        self._pending_losses: list[Any] = []
+
+    # ---------------------------------------------------------------- events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       processing_class: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        if not self.config.enabled:
+            return
+        tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
+        if tokenizer is None:
+            raise ValueError("NSLoRACallback needs the tokenizer: pass tokenizer=... or use a Trainer "
+                             "with processing_class set")
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps the tokenizer
+        if self.probe_source is None:
+            raise ValueError("NSLoRA needs probe examples: set probe_path in the NSLoRA config or pass "
+                             "probe=... (rows with messages, question/answer or prompt/completion)")
+        probe = load_probe_examples(self.probe_source, limit=self.config.probe_size,
+                                    seed=self.config.seed)
+        output = Path(self.config.output_dir or Path(args.output_dir) / ARTIFACT_DIR)
+        self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, output_dir=output,
+                                      plugins=self.plugins, is_main_process=state.is_world_process_zero,
+                                      console=self.console)
+        if getattr(args, "dataloader_num_workers", 0):
+            log.warning("NSLoRA: dataloader_num_workers=%s — collation runs in worker processes that "
+                        "do not see prompt edits; set it to 0 for edits to reach training",
+                        args.dataloader_num_workers)
+        if train_dataloader is not None:
+            wrap_collate_fn(train_dataloader, self.loop.wrap_collator)
+        self._hook_handle = model.register_forward_hook(self._capture_loss)
+        self.loop.start(model)
+
+    def _capture_loss(self, module: Any, inputs: Any, output: Any) -> None:
+        if not module.training:
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is not None and getattr(loss, "numel", lambda: 0)() == 1:
+            self._pending_losses.append(loss.detach())
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
+                              **kwargs: Any) -> None:
+        if self.loop is not None and model is not None:
+            self.loop.record_grad_norm(trainable_grad_norm(model))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.loop is None:
+            return
+        for loss in self._pending_losses:
+            self.loop.record_micro_loss(float(loss))
+        self._pending_losses.clear()
+        self.loop.after_step(state.global_step, model)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.loop is None or logs is None or not state.is_world_process_zero:
+            return
+        loop = self.loop
+        logs["nslora/prompt_version"] = loop.prompt_state.version
+        logs["nslora/symbolic_rounds"] = loop.router_state.get("symbolic_rounds", 0)
+        logs["nslora/augmented_examples"] = len(loop.augmented)
+        if loop.reports:
+            logs["nslora/probe_reward"] = round(loop.reports[-1].mean_reward, 4)
+        usage = loop.usage()
+        if usage:
+            logs["nslora/editor_calls"] = usage.get("calls", 0)
+            logs["nslora/editor_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.loop is None or not state.is_world_process_zero:
+            return
+        self.loop.save()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            self.loop.artifacts.copy_into(checkpoint)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.loop is None:
+            return
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        self.summary = self.loop.finish(model, state.global_step)
+        if state.is_world_process_zero:
+            self.loop.artifacts.copy_into(args.output_dir)
+
+
+def wrap_collate_fn(dataloader: Any, wrap: Any) -> Any:
+    """Wrap the collate function of the DataLoader that actually iterates. accelerate's
+    `DataLoaderShard` / `DataLoaderDispatcher` delegate to `base_dataloader`, so an attribute set
+    on the adapter would never be read."""
+    inner = dataloader
+    while getattr(inner, "base_dataloader", None) is not None and inner.base_dataloader is not inner:
+        inner = inner.base_dataloader
+    wrapped = wrap(inner.collate_fn)
+    inner.collate_fn = wrapped
+    return wrapped

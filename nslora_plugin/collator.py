@@ -1,0 +1,237 @@
+"""Make accepted prompt edits reach the training batches, in any framework.
+
+TRL, Axolotl and LLaMA-Factory all tokenize the data before training starts, so the system prompt
+is baked into `input_ids`. `NSLoRACollator` wraps the framework's own collator and, at batch time:
+
+1. swaps the token span of the *initial* system prompt for the tokens of the *current* one in
+   every example (and splices every per-token field alongside: labels get -100, attention 1,
+   position ids are renumbered), and
+2. replaces a share of the examples (`augment_share`) with augmented rows from symbolic rounds
+   ("prompts as data"), rendered with the current prompt and masked like the base examples.
+
+Spans are computed *in context* (tokenizing a rendered chat and keeping the tokens that cover the
+prompt's characters), so BPE merges at the template's boundaries match what the framework produced.
+Requires the collator to run in the training process (`dataloader_num_workers=0`, the default) and
+no packing; both are checked and reported once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any, Callable, Sequence
+
+from .probe import chat_messages, render
+from .prompt_state import PromptState
+
+log = logging.getLogger("nslora")
+
+_USER_SENTINEL = "\ue001nslora-user\ue001"
+_SYSTEM_SENTINEL = "\ue002nslora-system\ue002"
+_ZERO_FILL = {"completion_mask", "assistant_masks", "token_type_ids"}
+
+
+def template_default_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt a chat template inserts when the conversation has none (SmolLM2 and Qwen
+    templates do), or None."""
+    with_sys = render(tokenizer, chat_messages(_SYSTEM_SENTINEL, _USER_SENTINEL), generation_prompt=False)
+    without = render(tokenizer, chat_messages(None, _USER_SENTINEL), generation_prompt=False)
+    i = with_sys.find(_SYSTEM_SENTINEL)
+    if i < 0:
+        return None
+    prefix = with_sys[:i]
+    after = with_sys[i + len(_SYSTEM_SENTINEL):]
+    bridge = after[:after.find(_USER_SENTINEL)]
+    if not without.startswith(prefix):
+        return None
+    rest = without[len(prefix):]
+    j = rest.find(bridge)
+    if j <= 0:
+        return None
+    return rest[:j]
+
+
+def prompt_span_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of `prompt` as the chat template + tokenizer produce them inside a conversation."""
+    text = render(tokenizer, chat_messages(prompt, _USER_SENTINEL), generation_prompt=False)
+    start = text.find(prompt)
+    if start < 0:
+        raise ValueError("the chat template does not render the system prompt verbatim; "
+                         "NSLoRA cannot locate it in the training data")
+    end = start + len(prompt)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tid for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                if b > start and a < end and b > a]
+    except (NotImplementedError, TypeError, KeyError):
+        # Slow tokenizers have no offsets: diff against a render with another prompt.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        other = tokenizer(text[:start] + "\ue003" + text[end:], add_special_tokens=False)["input_ids"]
+        lo = 0
+        while lo < min(len(ids), len(other)) and ids[lo] == other[lo]:
+            lo += 1
+        hi = 0
+        while hi < min(len(ids), len(other)) - lo and ids[-1 - hi] == other[-1 - hi]:
+            hi += 1
+        return ids[lo:len(ids) - hi]
+
+
+def find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    if not needle:
+        return -1
+    first, n = needle[0], len(needle)
+    limit = len(haystack) - n
+    i = 0
+    while i <= limit:
+        if haystack[i] == first and list(haystack[i:i + n]) == list(needle):
+            return i
+        i += 1
+    return -1
+
+
+class NSLoRACollator:
+    """Wraps a framework collator; see the module docstring. Thread-safe reads of the prompt."""
+
+    def __init__(self, base: Callable[[list[dict[str, Any]]], Any], tokenizer: Any,
+                 prompt_state: PromptState, *, augment_share: float = 0.0, seed: int = 0) -> None:
+        self.base = base
+        self.tokenizer = tokenizer
+        self.prompt_state = prompt_state
+        self.augment_share = augment_share
+        self.augmented: list[dict[str, Any]] = []
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._span_cache: dict[str, list[int]] = {}
+        self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0, "batches": 0}
+        self.last_prompt_version = 0
+        self._warned: set[str] = set()
+
+    # ---------------------------------------------------------------- data in
+    def add_augmented(self, rows: Sequence[dict[str, Any]], cap: int) -> None:
+        with self._lock:
+            self.augmented.extend(rows)
+            del self.augmented[:-cap]
+
+    # ---------------------------------------------------------------- batch time
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        prompt, version = self.prompt_state.snapshot()
+        initial = self.prompt_state.initial
+        self.last_prompt_version = version
+        self.stats["batches"] += 1
+        if features and "seq_lengths" in features[0]:
+            self._warn_once("packing", "packed / padding-free batches: prompt edits cannot be spliced "
+                            "into them; set packing=False (and padding_free=False) to train on edits")
+            return self.base(features)
+        out = []
+        for feature in features:
+            self.stats["examples"] += 1
+            if prompt is not None and initial is not None and prompt != initial:
+                feature, ok = self._swap(feature, initial, prompt)
+                self.stats["swapped" if ok else "no_span"] += 1
+            out.append(feature)
+        out = self._mix(out, prompt)
+        return self.base(out)
+
+    def _span(self, prompt: str) -> list[int]:
+        if prompt not in self._span_cache:
+            self._span_cache[prompt] = prompt_span_ids(self.tokenizer, prompt)
+        return self._span_cache[prompt]
+
+    def _swap(self, feature: dict[str, Any], old: str, new: str) -> tuple[dict[str, Any], bool]:
+        ids = _as_list(feature["input_ids"])
+        old_ids = self._span(old)
+        at = find_subsequence(ids, old_ids)
+        if at < 0:
+            self._warn_once("no_span", "a training example does not contain the initial system prompt "
+                            "in its tokens, so prompt edits cannot reach it; put the initial prompt "
+                            "(NSLoRAConfig.system_prompt) in every row's system message")
+            return feature, False
+        new_ids = self._span(new)
+        n = len(ids)
+        spliced: dict[str, Any] = {}
+        for key, value in feature.items():
+            seq = _as_list(value) if _is_sequence(value) else None
+            if seq is None or len(seq) != n:
+                spliced[key] = value
+                continue
+            if key == "input_ids":
+                fill = list(new_ids)
+            elif key == "labels":
+                fill = [-100] * len(new_ids)
+            elif key == "attention_mask":
+                fill = [1] * len(new_ids)
+            elif key == "position_ids":
+                merged = seq[:at] + [0] * len(new_ids) + seq[at + len(old_ids):]
+                spliced[key] = _like(value, list(range(len(merged))) if seq == list(range(n)) else merged)
+                continue
+            else:
+                fill = [0] * len(new_ids)
+            spliced[key] = _like(value, seq[:at] + fill + seq[at + len(old_ids):])
+        return spliced, True
+
+    def _mix(self, features: list[dict[str, Any]], prompt: str | None) -> list[dict[str, Any]]:
+        with self._lock:
+            pool = list(self.augmented)
+        if not pool or self.augment_share <= 0 or not features:
+            return features
+        expected = self.augment_share * len(features)
+        k = int(expected) + (1 if self._rng.random() < expected - int(expected) else 0)
+        if k == 0:
+            return features
+        positions = self._rng.sample(range(len(features)), k)
+        template = features[0]
+        for pos in positions:
+            row = pool[self._rng.randrange(len(pool))]
+            features[pos] = self._render_augmented(row, prompt, template)
+            self.stats["augmented"] += 1
+        return features
+
+    def _render_augmented(self, row: dict[str, Any], prompt: str | None,
+                          template: dict[str, Any]) -> dict[str, Any]:
+        messages = [m for m in row["messages"] if m["role"] != "system"]
+        if prompt is not None:
+            messages = [{"role": "system", "content": prompt}] + messages
+        tok = self.tokenizer
+        full = tok(render(tok, messages, generation_prompt=False), add_special_tokens=False)["input_ids"]
+        prefix = tok(render(tok, messages[:-1], generation_prompt=True), add_special_tokens=False)["input_ids"]
+        start = min(len(prefix), len(full))
+        feature: dict[str, Any] = {}
+        for key, value in template.items():
+            if not _is_sequence(value):
+                continue
+            if key == "input_ids":
+                seq = full
+            elif key == "labels":
+                seq = [-100] * start + full[start:]
+            elif key == "attention_mask":
+                seq = [1] * len(full)
+            elif key == "position_ids":
+                seq = list(range(len(full)))
+            elif key in ("completion_mask", "assistant_masks"):
+                seq = [0] * start + [1] * (len(full) - start)
+            else:
+                seq = [0] * len(full)
+            feature[key] = _like(value, seq)
+        return feature
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("NSLoRA: %s", message)
+
+
+def _is_sequence(value: Any) -> bool:
+    if isinstance(value, list):
+        return True
+    return hasattr(value, "dim") and value.dim() == 1
+
+
+def _as_list(value: Any) -> list[int]:
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _like(original: Any, values: list[int]) -> Any:
+    if hasattr(original, "new_tensor"):
+        return original.new_tensor(values)
+    return values

@@ -1,0 +1,351 @@
+"""The neurosymbolic loop, independent of any training framework.
+
+A framework adapter feeds it three events — `start(model)`, `after_step(step, model)` and
+`finish(model)` — plus per-micro-batch losses and per-step gradient norms. At each check it runs
+trainer → monitor → probe → router → (editor | LoRA) → artifacts, in that order and only that way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .artifacts import ArtifactStore
+from .config import NSLoRAConfig
+from .collator import NSLoRACollator, template_default_system_prompt
+from .monitor import SignalMonitor
+from .plugins import make_plugin_manager
+from .probe import ProbeEvaluator
+from .prompt_state import PromptCandidate, PromptState
+from .router import record_symbolic_outcome
+from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
+                    RouteDecision)
+
+log = logging.getLogger("nslora")
+
+# Text that could break the chat template if it ended up inside a system prompt.
+_ROLE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "[INST]", "[/INST]", "<s>", "</s>")
+
+
+class NeurosymbolicLoop:
+    def __init__(self, config: NSLoRAConfig, tokenizer: Any, probe: Sequence[ProbeExample], *,
+                 output_dir: str | Path, plugins: Sequence[Any] = (), is_main_process: bool = True,
+                 console: Any = None) -> None:
+        if not probe:
+            raise ValueError("NSLoRA needs probe examples (set probe_path, pass probe=..., or give "
+                             "the trainer an eval_dataset with messages or question/answer rows)")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.is_main = is_main_process
+        self.examples = {e.id: e for e in probe[:config.probe_size]}
+        self.pm = make_plugin_manager(config, plugins)
+        self.monitor = SignalMonitor(config)
+        self.evaluator = ProbeEvaluator(tokenizer, list(self.examples.values()), config, self.pm)
+        self.prompt_state = PromptState(self._initial_prompt(config, tokenizer))
+        self.artifacts = ArtifactStore(output_dir)
+        self.collator: NSLoRACollator | None = None
+        self.router_state: dict[str, Any] = {}
+        self.reports: list[ProbeReport] = []
+        self.augmented: list[dict[str, Any]] = []
+        self.faults: dict[str, int] = {}
+        self.decision_counts = {"numerical": 0, "symbolic": 0, "accepted": 0, "rejected": 0}
+        self.last_check_step = -1
+        self.llm_editor_ready = False
+        self.editor_unavailable_reason = ""
+        self._model: Any = None
+        self._console = console
+        self.started = time.time()
+
+    # ---------------------------------------------------------------- setup
+    @staticmethod
+    def _initial_prompt(config: NSLoRAConfig, tokenizer: Any) -> str:
+        if config.system_prompt is not None:
+            return config.system_prompt
+        default = template_default_system_prompt(tokenizer)
+        if default is None:
+            raise ValueError(
+                "NSLoRA needs an initial system prompt: set system_prompt in the NSLoRA config to "
+                "the system message your training rows use (this chat template has no default one)")
+        return default
+
+    @property
+    def editing_available(self) -> bool:
+        return self.config.editor != "none" and (
+            self.llm_editor_ready or self.config.editor == "constraint"
+            or self.config.editor_fallback == "constraint")
+
+    def wrap_collator(self, base: Any) -> NSLoRACollator:
+        self.collator = NSLoRACollator(base, self.tokenizer, self.prompt_state,
+                                       augment_share=self.config.augment_share, seed=self.config.seed)
+        if self.augmented:
+            self.collator.add_augmented(self.augmented, self.config.augment_max_examples)
+        return self.collator
+
+    def start(self, model: Any) -> None:
+        """Check the editor endpoint, write the config, take the baseline probe."""
+        self._model = model
+        if not self.is_main:
+            return
+        for name in ("decisions.jsonl", "probe_reports.jsonl"):  # a fresh run starts fresh logs
+            self.artifacts.path(name).unlink(missing_ok=True)
+        self.artifacts.write_json("config.json", self.config.to_dict())
+        self._check_editor()
+        report = self.evaluate(model, step=0)
+        self.record("start", 0, {"prompt": self.prompt_state.current, "probe": report.summary(),
+                                 "editor": self.config.editor,
+                                 "llm_editor_ready": self.llm_editor_ready})
+        self.save()
+
+    def _check_editor(self) -> None:
+        if self.config.editor != "textgrad":
+            self.editor_unavailable_reason = f"editor={self.config.editor!r}"
+            return
+        plugin = self.pm.get_plugin("nslora.editor.textgrad")
+        if not self.config.editor_base_url:
+            self.editor_unavailable_reason = "editor_base_url is not set"
+        else:
+            try:
+                plugin.connect(self.config).health()
+                self.llm_editor_ready = True
+                return
+            except Exception as exc:
+                self.editor_unavailable_reason = f"editor endpoint unreachable ({_short(exc)})"
+        if self.config.on_editor_down == "fail":
+            raise RuntimeError(f"NSLoRA: {self.editor_unavailable_reason}; set editor_base_url to a "
+                               "running OpenAI-compatible server, or on_editor_down='numerical'")
+        fallback = ("the constraint editor stands in" if self.config.editor_fallback == "constraint"
+                    else "training stays numerical")
+        self.record_fault("startup", f"{self.editor_unavailable_reason}; {fallback}")
+
+    # ---------------------------------------------------------------- per step
+    def record_micro_loss(self, loss: float) -> None:
+        self.monitor.record_micro_loss(loss)
+
+    def record_grad_norm(self, norm: float | None) -> None:
+        if norm is not None:
+            self.monitor.record_grad_norm(norm)
+
+    def check_due(self, step: int) -> bool:
+        c = self.config
+        return step >= max(c.warmup_steps, 1) and step % c.check_every == 0 and step != self.last_check_step
+
+    def after_step(self, step: int, model: Any) -> RouteDecision | None:
+        self.monitor.end_step()
+        self._model = model
+        if not self.is_main or not self.check_due(step):
+            return None
+        return self.check(step, model)
+
+    # ---------------------------------------------------------------- one check
+    def check(self, step: int, model: Any) -> RouteDecision:
+        self.last_check_step = step
+        report = self.evaluate(model, step=step)
+        signal = self.monitor.signal(step)
+        labels = [self.pm.hook.nslora_classify_failure(result=r, signal=signal, config=self.config,
+                                                        loop=self) for r in report.failures]
+        labels = [lab for lab in labels if lab is not None]
+        decision = self.pm.hook.nslora_route(signal=signal, report=report, labels=labels,
+                                             config=self.config, loop=self)
+        self.decision_counts[decision.action] += 1
+        self.record("route", step, decision.to_dict())
+        self._say(f"step {step}: {decision.action} — {decision.reason}")
+        if decision.action == "symbolic":
+            self.symbolic_round(step, model, report)
+        self.save()
+        return decision
+
+    def symbolic_round(self, step: int, model: Any, report: ProbeReport) -> EditOutcome | None:
+        tried: tuple[str, ...] = ()
+        outcome: EditOutcome | None = None
+        while True:
+            prompt, version = self.prompt_state.snapshot()
+            proposal = self.pm.hook.nslora_propose_edit(
+                prompt=prompt, failures=report.failures, examples=self.examples, report=report,
+                config=self.config, tried=tried, loop=self)
+            if proposal is None:
+                break
+            tried += (proposal.editor,)
+            outcome = self.gate(step, model, report, proposal)
+            if outcome.accepted:
+                break
+        gain = (outcome.reward_after - outcome.reward_before) if outcome and outcome.accepted else None
+        record_symbolic_outcome(self.router_state, gain, self.config)
+        if not tried:
+            self.record_fault("editor", "no editor proposed a prompt for this round")
+        return outcome
+
+    def gate(self, step: int, model: Any, before: ProbeReport, proposal: EditProposal) -> EditOutcome:
+        """Accept a candidate only if probe reward does not drop (new >= old + margin)."""
+        current, version = self.prompt_state.snapshot()
+        candidate, problem = self.sanitize(proposal.prompt)
+        after: ProbeReport | None = None
+        if problem is None and candidate == current:
+            problem = "candidate is identical to the current prompt"
+        if problem is None:
+            after = self.evaluator.evaluate(model, candidate, step=step, version=version + 1)
+            gain = after.mean_reward - before.mean_reward
+            accepted = gain >= self.config.acceptance_margin - 1e-12
+            reason = (f"probe reward {before.mean_reward:.3f} -> {after.mean_reward:.3f} "
+                      f"({'accepted' if accepted else 'rejected'}: needs >= +{self.config.acceptance_margin:.3f})")
+        else:
+            accepted, reason = False, f"rejected: {problem}"
+        entry = PromptCandidate(version=None, step=step, editor=proposal.editor,
+                                prompt=candidate if candidate is not None else proposal.prompt[:self.config.max_prompt_chars],
+                                accepted=accepted, reward_before=before.mean_reward,
+                                reward_after=after.mean_reward if after else None, reason=reason,
+                                components_after={k: after.mean(k) for k in _keys(after)} if after else {})
+        self.prompt_state.record(entry)
+        outcome = EditOutcome(step=step, editor=proposal.editor, candidate=entry.prompt,
+                              accepted=accepted, reward_before=before.mean_reward,
+                              reward_after=after.mean_reward if after else None, reason=reason,
+                              prompt_version=self.prompt_state.version,
+                              components_after=entry.components_after,
+                              meta={"rationale": proposal.rationale, **proposal.meta})
+        self.decision_counts["accepted" if accepted else "rejected"] += 1
+        self.record("edit", step, outcome.to_dict())
+        self._say(f"step {step}: {proposal.editor} candidate {reason}")
+        if accepted and after is not None:
+            self.reports.append(after)
+            self.artifacts.append_jsonl("probe_reports.jsonl", {**after.summary(), "candidate": True})
+            self._augment(candidate, after, before)
+        return outcome
+
+    def sanitize(self, text: str) -> tuple[str | None, str | None]:
+        """Clean a candidate; return (prompt, None) or (None, why it cannot be used)."""
+        if not isinstance(text, str) or not text.strip():
+            return None, "empty candidate"
+        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or []) | set(_ROLE_MARKERS)
+        cleaned = text
+        for marker in sorted(specials, key=len, reverse=True):
+            if marker and marker in cleaned:
+                cleaned = cleaned.replace(marker, " ")
+        cleaned = "\n".join(line.rstrip() for line in cleaned.strip().splitlines()).strip()
+        if not cleaned:
+            return None, "candidate consisted of template tokens only"
+        if len(cleaned) > self.config.max_prompt_chars:
+            return None, f"candidate longer than max_prompt_chars={self.config.max_prompt_chars}"
+        return cleaned, None
+
+    def _augment(self, prompt: str, after: ProbeReport, before: ProbeReport) -> None:
+        rows: list[dict[str, Any]] = []
+        for part in self.pm.hook.nslora_augment_examples(
+                prompt=prompt, report=after, before=before, examples=self.examples,
+                config=self.config, loop=self):
+            rows.extend(part or [])
+        seen = {json.dumps(r["messages"], sort_keys=True) for r in self.augmented}
+        new = []
+        for row in rows:
+            key = json.dumps(row["messages"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                new.append(row)
+        self.augmented.extend(new)
+        del self.augmented[:-self.config.augment_max_examples]
+        if self.collator is not None:
+            self.collator.add_augmented(new, self.config.augment_max_examples)
+        self.artifacts.write_augmented(self.augmented)
+
+    # ---------------------------------------------------------------- evaluation helpers
+    def evaluate(self, model: Any, step: int) -> ProbeReport:
+        prompt, version = self.prompt_state.snapshot()
+        report = self.evaluator.evaluate(model, prompt, step=step, version=version)
+        self.reports.append(report)
+        self.artifacts.append_jsonl("probe_reports.jsonl", report.summary())
+        return report
+
+    def generate_one(self, system_prompt: str | None, question: str) -> str:
+        return self.evaluator.generate(self._model, system_prompt, [question])[0]
+
+    # ---------------------------------------------------------------- records
+    def record(self, kind: str, step: int, payload: dict[str, Any]) -> None:
+        rec = DecisionRecord(kind=kind, step=step, payload=payload)  # type: ignore[arg-type]
+        self.artifacts.append_jsonl("decisions.jsonl", {"kind": kind, "step": step,
+                                                        "time": time.time(), **payload})
+        try:
+            self.pm.hook.nslora_on_decision(record=rec, loop=self)
+        except Exception as exc:  # a listener must not stop training
+            log.warning("NSLoRA: an nslora_on_decision plugin failed: %s", _short(exc))
+
+    def record_fault(self, where: str, error: Any) -> None:
+        """Log an editor fault once per kind (with a count), and write it to the decision log."""
+        message = _short(error) if isinstance(error, BaseException) else str(error)
+        kind = f"{where}:{type(error).__name__ if isinstance(error, BaseException) else 'message'}"
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        if self.faults[kind] == 1:
+            log.warning("NSLoRA editor fault (%s): %s — training goes on with the last accepted prompt",
+                        where, message)
+        self.record("fault", self.last_check_step if self.last_check_step >= 0 else 0,
+                    {"where": where, "message": message, "count": self.faults[kind]})
+
+    def _say(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(f"[nslora] {text}")
+        log.info("NSLoRA %s", text)
+
+    # ---------------------------------------------------------------- persistence
+    def usage(self) -> dict[str, Any]:
+        plugin = self.pm.get_plugin("nslora.editor.textgrad")
+        return plugin.usage.to_dict() if plugin is not None else {}
+
+    def state(self) -> dict[str, Any]:
+        return {"router": self.router_state, "monitor": self.monitor.state(),
+                "decision_counts": self.decision_counts, "faults": self.faults,
+                "last_check_step": self.last_check_step, "usage": self.usage(),
+                "collator": dict(self.collator.stats) if self.collator else {}}
+
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        ps = self.prompt_state
+        self.artifacts.write_prompt(ps.current, ps.version, ps.initial,
+                                    [c.to_dict() for c in ps.history])
+        self.artifacts.write_json("state.json", self.state())
+
+    def finish(self, model: Any, step: int) -> dict[str, Any]:
+        """Final probe under the final prompt, summary, and everything saved."""
+        if not self.is_main:
+            return {}
+        before = self.reports[0] if self.reports else None
+        after = self.evaluate(model, step=step)
+        summary = {
+            "steps": step,
+            "probe_before": before.summary() if before else None,
+            "probe_after": after.summary(),
+            "decisions": dict(self.decision_counts),
+            "system_prompt_before": self.prompt_state.initial,
+            "system_prompt_after": self.prompt_state.current,
+            "prompt_version": self.prompt_state.version,
+            "augmented_examples": len(self.augmented),
+            "editor_usage": self.usage(),
+            "faults": dict(self.faults),
+            "batches": dict(self.collator.stats) if self.collator else {},
+            "artifacts": str(self.artifacts.root),
+            "wall_seconds": round(time.time() - self.started, 1),
+        }
+        self.record("end", step, {"summary": summary})
+        self.artifacts.write_json("summary.json", summary)
+        self.save()
+        return summary
+
+
+def _keys(report: ProbeReport | None) -> list[str]:
+    return sorted({k for r in report.results for k in r.rewards}) if report else []
+
+
+def _short(exc: BaseException | str, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+    text = " ".join(text.split())
+    return redact(text[:limit])
+
+
+def redact(text: str) -> str:
+    """Remove any environment secret that a message might echo (e.g. a key in a URL)."""
+    for name, value in os.environ.items():
+        if value and len(value) >= 8 and any(w in name.upper() for w in ("KEY", "TOKEN", "SECRET")):
+            text = text.replace(value, "***")
+    return text

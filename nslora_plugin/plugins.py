@@ -1,0 +1,61 @@
+"""Build the plugin manager: the built-in behaviour is registered as plugins, third parties through
+the `nslora` entry-point group (opt out with NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .config import NSLoRAConfig
+
+AUTOLOAD_OPT_OUT = "NSLORA_DISABLE_PLUGIN_AUTOLOAD"
+
+
+def builtin_plugins(config: NSLoRAConfig) -> list[tuple[str, Any]]:
+    """The default stages, in registration order (pluggy calls the last registered first)."""
+    from .augment import PromptsAsData
+    from .editor.constraint_editor import ConstraintEditor
+    from .rewards import BuiltinRewards
+    from .router import PriorRouter
+
+    plugins: list[tuple[str, Any]] = [
+        ("nslora.rewards", BuiltinRewards()),
+        ("nslora.router", PriorRouter()),
+        ("nslora.augment", PromptsAsData()),
+    ]
+    wants_constraint = config.editor == "constraint" or config.editor_fallback == "constraint"
+    if wants_constraint:
+        plugins.append(("nslora.editor.constraint", ConstraintEditor()))
+    if config.editor == "textgrad":
+        from .editor.textgrad_editor import TextGradEditor
+
+        plugins.append(("nslora.editor.textgrad", TextGradEditor()))
+    return plugins
+
+
+def load_object(dotted: str) -> Any:
+    """Import `package.module:attr` or `package.module.attr` (for plugins named in a config)."""
+    module_name, _, attr = dotted.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise ValueError(f"{dotted!r} is not a dotted path like 'package.module.Name'")
+    obj = getattr(importlib.import_module(module_name), attr)
+    return obj() if isinstance(obj, type) else obj
+
+
+def make_plugin_manager(config: NSLoRAConfig, extra: Iterable[Any] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in builtin_plugins(config):
+        pm.register(plugin, name=name)
+    for dotted in config.plugins:
+        pm.register(load_object(dotted), name=f"config:{dotted}")
+    for plugin in extra:
+        pm.register(plugin)
+    if os.environ.get(AUTOLOAD_OPT_OUT, "").strip().lower() not in {"1", "true", "yes"}:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    pm.check_pending()
+    return pm

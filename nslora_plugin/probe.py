@@ -1,0 +1,143 @@
+"""Score the current adapter + current system prompt on the held-out probe set.
+
+For each probe example we compute two things the router needs:
+- the reward components of a greedy completion (batched generation, left padding), and
+- the per-token negative log-likelihood of the reference reply (teacher forcing), which tells
+  "the model does not know this" (high NLL) from "the model knows it but answers in the wrong
+  form" (low NLL).
+The model is put in eval mode for the duration and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+from .config import NSLoRAConfig
+from .types import ProbeExample, ProbeReport, ProbeResult
+
+
+def chat_messages(prompt: str | None, question: str, answer: str | None = None) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    if prompt is not None:
+        messages.append({"role": "system", "content": prompt})
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+class ProbeEvaluator:
+    def __init__(self, tokenizer: Any, examples: Sequence[ProbeExample], config: NSLoRAConfig,
+                 plugin_manager: Any) -> None:
+        self.tokenizer = tokenizer
+        self.examples = list(examples)
+        self.config = config
+        self.pm = plugin_manager
+
+    # ---------------------------------------------------------------- public
+    def evaluate(self, model: Any, prompt: str | None, *, step: int, version: int) -> ProbeReport:
+        completions = self.generate(model, prompt, [e.question for e in self.examples])
+        nlls = self.reference_nll(model, prompt, self.examples)
+        results = [self.score(e, c, nll) for e, c, nll in zip(self.examples, completions, nlls)]
+        return ProbeReport(step=step, prompt_version=version, results=results)
+
+    def score(self, example: ProbeExample, completion: str, nll: float) -> ProbeResult:
+        merged: dict[str, float] = {}
+        for part in reversed(self.pm.hook.nslora_score_probe(
+                example=example, completion=completion, config=self.config)):
+            if part:
+                merged.update(part)
+        reward = sum(merged.values()) / len(merged) if merged else 0.0
+        return ProbeResult(example_id=example.id, completion=completion, rewards=merged,
+                           reward=reward, ref_nll=nll)
+
+    # ---------------------------------------------------------------- model calls
+    def generate(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
+        import torch
+
+        tok = self.tokenizer
+        texts = [render(tok, chat_messages(prompt, q), generation_prompt=True) for q in questions]
+        outputs: list[str] = []
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        device = _device_of(model)
+        try:
+            with eval_mode(model), torch.no_grad():
+                for start in range(0, len(texts), self.config.probe_batch_size):
+                    chunk = texts[start:start + self.config.probe_batch_size]
+                    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                    enc = {k: v.to(device) for k, v in enc.items()}
+                    out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id,
+                                         use_cache=True)
+                    new_tokens = out[:, enc["input_ids"].shape[1]:]
+                    outputs.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
+        finally:
+            tok.padding_side = old_side
+        return [o.strip() for o in outputs]
+
+    def reference_nll(self, model: Any, prompt: str | None,
+                      examples: Sequence[ProbeExample]) -> list[float]:
+        """Mean NLL per reference token under the current prompt (no gradient)."""
+        import torch
+        import torch.nn.functional as F
+
+        tok = self.tokenizer
+        device = _device_of(model)
+        rows: list[tuple[list[int], int]] = []
+        for e in examples:
+            prefix = render(tok, chat_messages(prompt, e.question), generation_prompt=True)
+            full = render(tok, chat_messages(prompt, e.question, e.reference), generation_prompt=False)
+            ids = tok(full, add_special_tokens=False)["input_ids"]
+            start = len(tok(prefix, add_special_tokens=False)["input_ids"])
+            rows.append((ids, min(start, len(ids) - 1)))
+        nlls: list[float] = []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        with eval_mode(model), torch.no_grad():
+            for s in range(0, len(rows), self.config.probe_batch_size):
+                chunk = rows[s:s + self.config.probe_batch_size]
+                width = max(len(ids) for ids, _ in chunk)
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+                for i, (ids, start) in enumerate(chunk):
+                    input_ids[i, :len(ids)] = torch.tensor(ids)
+                    attention[i, :len(ids)] = 1
+                    labels[i, start:len(ids)] = torch.tensor(ids[start:])
+                out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+                logits = out.logits[:, :-1].float()
+                target = labels[:, 1:].to(device)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=-100, reduction="none").view(target.shape)
+                mask = (target != -100).float()
+                per_row = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+                nlls.extend(float(v) for v in per_row.cpu())
+        return nlls
+
+
+def _device_of(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        import torch
+
+        return torch.device("cpu")

@@ -1,0 +1,69 @@
+"""Built-in reward components: correctness of the final answer and compliance with the answer format.
+
+Both are deterministic (no LLM) so that the router and the validation gate are cheap and
+reproducible. `correctness` compares final answers (numbers compare numerically, GSM8K style);
+`format` is 1 when the completion matches the configured `answer_format` regex.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import NSLoRAConfig
+from .hookspecs import hookimpl
+from .types import ProbeExample
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+
+
+def extract_final_answer(text: str, pattern: str | None = None) -> str | None:
+    """The final answer in `text`: `pattern`'s first group (or whole match) when it matches, else
+    the GSM8K `#### n` marker, else the last number."""
+    if pattern:
+        matches = list(re.finditer(pattern, text, flags=re.MULTILINE))
+        if matches:
+            m = matches[-1]
+            return (m.group(1) if m.groups() else m.group(0)).strip()
+    m = _GSM8K_FINAL.search(text)
+    if m:
+        return m.group(1).strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """Canonical form for comparison: numbers without commas / trailing zeros, else casefolded."""
+    if answer is None:
+        return None
+    s = answer.strip().rstrip(".").replace("$", "").strip()
+    number = s.replace(",", "")
+    try:
+        value = float(number)
+    except ValueError:
+        return " ".join(s.casefold().split())
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def answers_match(predicted: str | None, reference: str | None) -> bool:
+    p, r = normalize_answer(predicted), normalize_answer(reference)
+    return p is not None and r is not None and p == r
+
+
+def format_compliant(completion: str, answer_format: str) -> bool:
+    return re.search(answer_format, completion, flags=re.MULTILINE) is not None
+
+
+class BuiltinRewards:
+    """`correctness` always (when the example has an answer); `format` when a format is configured."""
+
+    @hookimpl
+    def nslora_score_probe(self, example: ProbeExample, completion: str,
+                           config: NSLoRAConfig) -> dict[str, float] | None:
+        scores: dict[str, float] = {}
+        if example.answer is not None:
+            predicted = extract_final_answer(completion, config.answer_pattern or config.answer_format)
+            scores["correctness"] = float(answers_match(predicted, example.answer))
+        if config.answer_format:
+            scores["format"] = float(format_compliant(completion, config.answer_format))
+        return scores or None

@@ -1,0 +1,120 @@
+"""The built-in reward-based router.
+
+Per failing probe example, a logistic score over interpretable features gives `p_symbolic`, the
+probability that a prompt edit (not a weight update) is the right fix:
+
+    z = b + w_format * format_violation + w_nll * (ref_nll / nll_threshold) + w_wrong * wrong
+    p_symbolic = sigmoid(z)
+
+With the prior weights below: a violated format/constraint → "style" (the prompt can state it);
+a compliant but wrong answer whose reference is unlikely under the model (high NLL) → "factual"
+(the weights must learn it); a wrong answer the model already finds likely (low NLL) leans to the
+prompt. Each check then decides for the whole run:
+
+1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
+3. share of "style" failures ≥ style_share_threshold → symbolic;
+4. numerical training saturated (|C1| small and C2 small for `saturation_patience` checks) and
+   something still fails → symbolic;   5. otherwise → numerical.
+After `stall_patience` symbolic rounds in a row without an accepted gain, the router cools down
+(numerical only) for `cooldown_checks` checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from .config import NSLoRAConfig
+from .hookspecs import hookimpl
+from .types import FailureLabel, ProbeReport, ProbeResult, RouteDecision, TrainingSignal
+
+if TYPE_CHECKING:
+    from .loop import NeurosymbolicLoop
+
+PRIOR_WEIGHTS: dict[str, float] = {"bias": 1.0, "format_violation": 2.5,
+                                   "nll_ratio": -2.0, "wrong": 0.0}
+
+
+def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, float]:
+    return {
+        "format_violation": 1.0 - result.rewards.get("format", 1.0),
+        "nll_ratio": min(result.ref_nll / config.nll_threshold, 5.0),
+        "wrong": 1.0 - result.rewards.get("correctness", 1.0),
+    }
+
+
+def p_symbolic(features: dict[str, float], weights: dict[str, float]) -> float:
+    z = weights.get("bias", 0.0) + sum(weights.get(k, 0.0) * v for k, v in features.items())
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+class PriorRouter:
+    """Classifier with interpretable prior weights plus the check-level schedule above."""
+
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        self.weights = dict(weights or PRIOR_WEIGHTS)
+
+    @hookimpl(trylast=True)
+    def nslora_classify_failure(self, result: ProbeResult, signal: TrainingSignal,
+                                config: NSLoRAConfig) -> FailureLabel:
+        features = failure_features(result, config)
+        p = p_symbolic(features, self.weights)
+        return FailureLabel(example_id=result.example_id, label="style" if p >= 0.5 else "factual",
+                            p_symbolic=round(p, 4), features=features)
+
+    @hookimpl(trylast=True)
+    def nslora_route(self, signal: TrainingSignal, report: ProbeReport,
+                     labels: Sequence[FailureLabel], config: NSLoRAConfig,
+                     loop: "NeurosymbolicLoop") -> RouteDecision:
+        state = loop.router_state
+        saturated_now = signal.loss_flat and signal.grad_small
+        state["flat_checks"] = state.get("flat_checks", 0) + 1 if saturated_now else 0
+        n_fail = len(labels)
+        style = [lab for lab in labels if lab.label == "style"]
+        style_share = len(style) / n_fail if n_fail else 0.0
+        scores = {"failures": float(n_fail), "style_share": round(style_share, 4),
+                  "mean_p_symbolic": round(sum(lab.p_symbolic for lab in labels) / n_fail, 4) if n_fail else 0.0,
+                  "flat_checks": float(state["flat_checks"]),
+                  "symbolic_rounds": float(state.get("symbolic_rounds", 0)),
+                  "cooldown": float(state.get("cooldown", 0))}
+
+        def decide(action: str, reason: str) -> RouteDecision:
+            return RouteDecision(step=signal.step, action=action, reason=reason,  # type: ignore[arg-type]
+                                 scores=scores, labels=list(labels), signal=signal,
+                                 probe=report.summary())
+
+        if n_fail == 0:
+            return decide("numerical", "every probe example passes; keep training the adapter")
+        if state.get("symbolic_rounds", 0) >= config.max_symbolic_rounds:
+            return decide("numerical", f"symbolic budget spent ({config.max_symbolic_rounds} rounds)")
+        if not loop.editing_available:
+            return decide("numerical", f"no editor available ({loop.editor_unavailable_reason})")
+        if state.get("cooldown", 0) > 0:
+            state["cooldown"] -= 1
+            return decide("numerical", "symbolic edits stalled recently; cooling down with LoRA updates "
+                          f"({state['cooldown']} checks left)")
+        if style_share >= config.style_share_threshold:
+            return decide("symbolic", f"{len(style)}/{n_fail} failures look like style/constraint "
+                          f"problems (share {style_share:.2f} >= {config.style_share_threshold})")
+        if state["flat_checks"] >= config.saturation_patience:
+            return decide("symbolic", f"numerical training saturated (C1={_fmt(signal.c1)}, "
+                          f"C2={_fmt(signal.c2)} for {state['flat_checks']} checks) with "
+                          f"{n_fail} failures left")
+        return decide("numerical", f"{n_fail - len(style)}/{n_fail} failures look factual "
+                      f"and loss still moves (C1={_fmt(signal.c1)}); keep training LoRA")
+
+
+def record_symbolic_outcome(state: dict, accepted_gain: float | None, config: NSLoRAConfig) -> None:
+    """Update the stall counter after a symbolic round (None gain: no candidate accepted)."""
+    state["symbolic_rounds"] = state.get("symbolic_rounds", 0) + 1
+    if accepted_gain is None or accepted_gain <= 0:
+        state["stalled_rounds"] = state.get("stalled_rounds", 0) + 1
+    else:
+        state["stalled_rounds"] = 0
+    if state["stalled_rounds"] >= config.stall_patience:
+        state["cooldown"] = config.cooldown_checks
+        state["stalled_rounds"] = 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -1,0 +1,67 @@
+"""Helpers for tests: tiny real models built from a config, and word-problem data.
+
+The tiny model shares the real SmolLM2 tokenizer (so chat templates, special tokens and span
+matching are the real thing) but has two layers of width 64, so a training step takes
+milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SYSTEM = "You are a helpful assistant."
+ANSWER_FORMAT = r"^Answer: (-?\d+)\s*$"
+FORMAT_INSTRUCTION = "End your reply with a final line 'Answer: <number>'."
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def sft_trainer(tokenizer: Any, output_dir: Path, rows: list[dict], *, max_steps: int,
+                save_steps: int = 1000, batch_size: int = 4, model: Any = None, **extra: Any) -> Any:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from nslora_plugin.data import chat_rows
+
+    args = SFTConfig(output_dir=str(output_dir), max_steps=max_steps,
+                     per_device_train_batch_size=batch_size, learning_rate=1e-3, logging_steps=1,
+                     save_steps=save_steps, report_to=[], gradient_checkpointing=False,
+                     max_length=256, use_cpu=True, seed=0, **extra)
+    return SFTTrainer(model=model if model is not None else tiny_model(tokenizer), args=args,
+                      train_dataset=Dataset.from_list(chat_rows(rows, SYSTEM)),
+                      processing_class=tokenizer,
+                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+
+
+def capture_training_batches(trainer: Any, tokenizer: Any) -> list[tuple[int, str]]:
+    """Decode the first sequence of every training forward, tagged with the step it ran in:
+    this is what the weights actually train on."""
+    seen: list[tuple[int, str]] = []
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        if module.training:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            for row in ids:
+                seen.append((trainer.state.global_step, tokenizer.decode(row)))
+
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
