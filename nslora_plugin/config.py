@@ -26,6 +26,7 @@ EDITORS = ("textgrad", "constraint", "none")
 FALLBACKS = ("constraint", "none")
 EDITOR_BACKENDS = ("openai", "auto")
 ON_EDITOR_DOWN = ("numerical", "fail")
+TIE_BREAKS = ("nll", "accept", "reject")
 
 
 class NSLoRAConfigError(ValueError):
@@ -76,8 +77,10 @@ class NSLoRAConfig:
 
     # editor: which plugin proposes prompt edits first, and what runs when its candidate fails the
     # gate; endpoint of the editor LLM (any OpenAI-compatible server); the API key is read from the
-    # environment variable *named* by editor_api_key_env, never stored. A candidate is accepted
-    # only if probe reward does not drop by more than -acceptance_margin (i.e. new >= old + margin).
+    # environment variable *named* by editor_api_key_env, never stored. The validation gate
+    # accepts a candidate only if probe reward does not drop (new >= old + acceptance_margin); on
+    # an exact tie `gate_tie_break` decides: "nll" accepts only if the reference NLL falls (the
+    # model finds the right replies likelier under the new prompt), "accept" / "reject" as named.
     editor: str = "textgrad"
     editor_fallback: str = "constraint"
     editor_base_url: str | None = None
@@ -89,6 +92,7 @@ class NSLoRAConfig:
     editor_batch_size: int = 3
     on_editor_down: str = "numerical"
     acceptance_margin: float = 0.0
+    gate_tie_break: str = "nll"
     max_prompt_chars: int = 2000
 
     # constraints: regex a compliant answer matches (its first group, if any, is the final answer),
@@ -152,6 +156,7 @@ class NSLoRAConfig:
         one_of("editor", EDITORS)
         one_of("editor_fallback", FALLBACKS)
         one_of("on_editor_down", ON_EDITOR_DOWN)
+        one_of("gate_tie_break", TIE_BREAKS)
         if isinstance(self.plugins, str):
             self.plugins = [p.strip() for p in self.plugins.split(",") if p.strip()]
         if not isinstance(self.plugins, list) or not all(isinstance(p, str) for p in self.plugins):

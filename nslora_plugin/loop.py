@@ -173,8 +173,7 @@ class NeurosymbolicLoop:
             outcome = self.gate(step, model, report, proposal)
             if outcome.accepted:
                 break
-        gain = (outcome.reward_after - outcome.reward_before) if outcome and outcome.accepted else None
-        record_symbolic_outcome(self.router_state, gain, self.config)
+        record_symbolic_outcome(self.router_state, bool(outcome and outcome.accepted), self.config)
         if not tried:
             self.record_fault("editor", "no editor proposed a prompt for this round")
         return outcome
@@ -188,10 +187,7 @@ class NeurosymbolicLoop:
             problem = "candidate is identical to the current prompt"
         if problem is None:
             after = self.evaluator.evaluate(model, candidate, step=step, version=version + 1)
-            gain = after.mean_reward - before.mean_reward
-            accepted = gain >= self.config.acceptance_margin - 1e-12
-            reason = (f"probe reward {before.mean_reward:.3f} -> {after.mean_reward:.3f} "
-                      f"({'accepted' if accepted else 'rejected'}: needs >= +{self.config.acceptance_margin:.3f})")
+            accepted, reason = gate_verdict(before, after, self.config)
         else:
             accepted, reason = False, f"rejected: {problem}"
         entry = PromptCandidate(version=None, step=step, editor=proposal.editor,
@@ -284,7 +280,7 @@ class NeurosymbolicLoop:
 
     def _say(self, text: str) -> None:
         if self._console is not None:
-            self._console.print(f"[nslora] {text}")
+            self._console.print(f"nslora: {text}", markup=False, highlight=False)
         log.info("NSLoRA %s", text)
 
     # ---------------------------------------------------------------- persistence
@@ -331,6 +327,21 @@ class NeurosymbolicLoop:
         self.artifacts.write_json("summary.json", summary)
         self.save()
         return summary
+
+
+def gate_verdict(before: ProbeReport, after: ProbeReport, config: NSLoRAConfig) -> tuple[bool, str]:
+    """The validation gate: reward must not drop; an exact tie is broken by `gate_tie_break`."""
+    gain = after.mean_reward - before.mean_reward
+    text = f"probe reward {before.mean_reward:.3f} -> {after.mean_reward:.3f}"
+    if abs(gain) > 1e-9 or config.acceptance_margin > 0:
+        ok = gain >= config.acceptance_margin - 1e-9
+        return ok, f"{text} ({'accepted' if ok else 'rejected'}: needs >= {config.acceptance_margin:+.3f})"
+    if config.gate_tie_break == "nll":
+        ok = after.mean_nll < before.mean_nll
+        return ok, (f"{text}, tie broken by reference NLL {before.mean_nll:.3f} -> {after.mean_nll:.3f} "
+                    f"({'accepted' if ok else 'rejected'})")
+    ok = config.gate_tie_break == "accept"
+    return ok, f"{text}, tie ({'accepted' if ok else 'rejected'} by gate_tie_break={config.gate_tie_break})"
 
 
 def _keys(report: ProbeReport | None) -> list[str]:

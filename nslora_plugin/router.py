@@ -6,10 +6,10 @@ probability that a prompt edit (not a weight update) is the right fix:
     z = b + w_format * format_violation + w_nll * (ref_nll / nll_threshold) + w_wrong * wrong
     p_symbolic = sigmoid(z)
 
-With the prior weights below: a violated format/constraint → "style" (the prompt can state it);
-a compliant but wrong answer whose reference is unlikely under the model (high NLL) → "factual"
-(the weights must learn it); a wrong answer the model already finds likely (low NLL) leans to the
-prompt. Each check then decides for the whole run:
+With the prior weights below: a violated format/constraint is "style" (the prompt can state it)
+unless the reference is very unlikely under the model (NLL above twice the threshold: the model
+knows nothing yet, so there is nothing for a prompt to steer); a compliant but wrong answer is
+"factual" (the weights must learn it). Each check then decides for the whole run:
 
 1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
 3. share of "style" failures ≥ style_share_threshold → symbolic;
@@ -31,8 +31,8 @@ from .types import FailureLabel, ProbeReport, ProbeResult, RouteDecision, Traini
 if TYPE_CHECKING:
     from .loop import NeurosymbolicLoop
 
-PRIOR_WEIGHTS: dict[str, float] = {"bias": 1.0, "format_violation": 2.5,
-                                   "nll_ratio": -2.0, "wrong": 0.0}
+PRIOR_WEIGHTS: dict[str, float] = {"bias": -1.0, "format_violation": 3.0,
+                                   "nll_ratio": -1.0, "wrong": 0.0}
 
 
 def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, float]:
@@ -104,13 +104,10 @@ class PriorRouter:
                       f"and loss still moves (C1={_fmt(signal.c1)}); keep training LoRA")
 
 
-def record_symbolic_outcome(state: dict, accepted_gain: float | None, config: NSLoRAConfig) -> None:
-    """Update the stall counter after a symbolic round (None gain: no candidate accepted)."""
+def record_symbolic_outcome(state: dict, accepted: bool, config: NSLoRAConfig) -> None:
+    """Update the stall counter after a symbolic round."""
     state["symbolic_rounds"] = state.get("symbolic_rounds", 0) + 1
-    if accepted_gain is None or accepted_gain <= 0:
-        state["stalled_rounds"] = state.get("stalled_rounds", 0) + 1
-    else:
-        state["stalled_rounds"] = 0
+    state["stalled_rounds"] = 0 if accepted else state.get("stalled_rounds", 0) + 1
     if state["stalled_rounds"] >= config.stall_patience:
         state["cooldown"] = config.cooldown_checks
         state["stalled_rounds"] = 0

@@ -32,7 +32,7 @@ def rows():
 def nslora_config(**overrides) -> NSLoRAConfig:
     base = dict(system_prompt=SYSTEM, editor="constraint", check_every=3, probe_size=6,
                 probe_max_new_tokens=8, answer_format=ANSWER_FORMAT,
-                format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0,
+                format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0, gate_tie_break="accept",
                 max_symbolic_rounds=1, monitor_window=2)
     base.update(overrides)
     return NSLoRAConfig(**base)

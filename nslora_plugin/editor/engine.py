@@ -64,8 +64,20 @@ class OpenAICompatibleClient:
         return f"OpenAICompatibleClient(model={self.model!r})"
 
     def health(self) -> None:
-        """Raise if the endpoint does not answer `/models`."""
-        self._client.with_options(timeout=10.0).models.list()
+        """Raise if the endpoint is unreachable or cannot serve `model`.
+
+        `/models` is tried first (free); servers that answer it with an error status (e.g.
+        `transformers serve` lists its cache there) get a one-token chat completion instead."""
+        from openai import APIStatusError
+
+        quick = self._client.with_options(timeout=10.0)
+        try:
+            quick.models.list()
+            return
+        except APIStatusError:
+            pass
+        quick.chat.completions.create(model=self.model, max_tokens=1, temperature=0.0,
+                                      messages=[{"role": "user", "content": "ping"}])
 
     def chat(self, prompt: str, system_prompt: str | None = None) -> str:
         messages = []
