@@ -71,10 +71,20 @@ class NSLoRACallback(TrainerCallback):
             log.warning("NSLoRA: dataloader_num_workers=%s — collation runs in worker processes that "
                         "do not see prompt edits; set it to 0 for edits to reach training",
                         args.dataloader_num_workers)
+        resumed_step = None
+        if state.global_step > 0:  # resumed: the trainer restored its state before this event
+            resumed_step = state.global_step
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / ARTIFACT_DIR
+            if (saved / "state.json").is_file():
+                self.loop.restore(saved)
+            else:
+                log.warning("NSLoRA: resuming at step %s but %s has no NSLoRA state; starting the "
+                            "loop afresh from the initial prompt", state.global_step, saved)
         if train_dataloader is not None:
             wrap_collate_fn(train_dataloader, self.loop.wrap_collator)
         self._hook_handle = model.register_forward_hook(self._capture_loss)
-        self.loop.start(model)
+        self.loop.start(model, resumed_step=resumed_step)
+        self._sync_ranks(args)
 
     def _capture_loss(self, module: Any, inputs: Any, output: Any) -> None:
         if not module.training:
@@ -94,7 +104,22 @@ class NSLoRACallback(TrainerCallback):
         for loss in self._pending_losses:
             self.loop.record_micro_loss(float(loss))
         self._pending_losses.clear()
+        due = self.loop.check_due(state.global_step)
         self.loop.after_step(state.global_step, model)
+        if due:
+            self._sync_ranks(args)
+
+    def _sync_ranks(self, args: Any) -> None:
+        """Every rank adopts the main process's prompt, augmented rows and router state at the
+        same step (only the main process probes and calls the editor; the others wait here)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        box = [self.loop.shared_state() if self.loop.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        if not self.loop.is_main:
+            self.loop.adopt_shared_state(box[0])
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.loop is None or logs is None or not state.is_world_process_zero:

@@ -113,6 +113,10 @@ class NSLoRACollator:
             self.augmented.extend(rows)
             del self.augmented[:-cap]
 
+    def replace_augmented(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self._lock:
+            self.augmented = list(rows)
+
     # ---------------------------------------------------------------- batch time
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         prompt, version = self.prompt_state.snapshot()

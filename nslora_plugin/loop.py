@@ -86,20 +86,77 @@ class NeurosymbolicLoop:
             self.collator.add_augmented(self.augmented, self.config.augment_max_examples)
         return self.collator
 
-    def start(self, model: Any) -> None:
-        """Check the editor endpoint, write the config, take the baseline probe."""
+    def start(self, model: Any, *, resumed_step: int | None = None) -> None:
+        """Check the editor endpoint, write the config, take the baseline probe (fresh runs) or
+        record where a resumed run picks up."""
         self._model = model
         if not self.is_main:
             return
-        for name in ("decisions.jsonl", "probe_reports.jsonl"):  # a fresh run starts fresh logs
-            self.artifacts.path(name).unlink(missing_ok=True)
+        if resumed_step is None:
+            for name in ("decisions.jsonl", "probe_reports.jsonl"):  # a fresh run starts fresh logs
+                self.artifacts.path(name).unlink(missing_ok=True)
         self.artifacts.write_json("config.json", self.config.to_dict())
         self._check_editor()
-        report = self.evaluate(model, step=0)
-        self.record("start", 0, {"prompt": self.prompt_state.current, "probe": report.summary(),
-                                 "editor": self.config.editor,
-                                 "llm_editor_ready": self.llm_editor_ready})
+        if resumed_step is not None:
+            self.record("resume", resumed_step, {"prompt": self.prompt_state.current,
+                                                 "prompt_version": self.prompt_state.version,
+                                                 "llm_editor_ready": self.llm_editor_ready})
+        else:
+            report = self.evaluate(model, step=0)
+            self.record("start", 0, {"prompt": self.prompt_state.current, "probe": report.summary(),
+                                     "editor": self.config.editor,
+                                     "llm_editor_ready": self.llm_editor_ready})
         self.save()
+
+    def restore(self, checkpoint_artifacts: Path) -> int:
+        """Resume from the artifacts a checkpoint carries: prompt and history, router and monitor
+        state, usage, augmented rows; the run folder's logs are rolled back to that checkpoint so
+        no decision taken after it (and lost with the killed process) is counted twice."""
+        import shutil
+
+        from .artifacts import load_artifacts
+
+        arts = load_artifacts(checkpoint_artifacts)
+        st = arts.state
+        self.prompt_state.load_state({"initial": arts.initial_system_prompt, "current": arts.system_prompt,
+                                      "version": arts.prompt_version, "history": arts.prompt_history})
+        self.router_state = dict(st.get("router", {}))
+        self.monitor.load_state(st.get("monitor", {}))
+        self.decision_counts.update(st.get("decision_counts", {}))
+        self.faults = dict(st.get("faults", {}))
+        self.last_check_step = int(st.get("last_check_step", -1))
+        self.augmented = list(arts.augmented_rows)
+        self.restored_usage = dict(st.get("usage", {}))
+        plugin = self.pm.get_plugin("nslora.editor.textgrad")
+        if plugin is not None and self.restored_usage:
+            for key, value in self.restored_usage.items():
+                if hasattr(plugin.usage, key):
+                    setattr(plugin.usage, key, value)
+        if self.collator is not None:
+            self.collator.replace_augmented(self.augmented)
+        if self.is_main and arts.root.resolve() != self.artifacts.root.resolve():
+            for name in ("decisions.jsonl", "probe_reports.jsonl", "prompt_history.jsonl",
+                         "prompt.json", "augmented.jsonl", "state.json"):
+                src = arts.root / name
+                if src.is_file():
+                    shutil.copyfile(src, self.artifacts.path(name))
+            if self.augmented:
+                self.artifacts.write_augmented(self.augmented)
+        return int(arts.state.get("last_check_step", 0))
+
+    # ---------------------------------------------------------------- several processes
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank must agree on after a check (sent from the main process)."""
+        return {"prompt": self.prompt_state.state(), "augmented": self.augmented,
+                "router": self.router_state, "last_check_step": self.last_check_step}
+
+    def adopt_shared_state(self, shared: dict[str, Any]) -> None:
+        self.prompt_state.load_state(shared["prompt"])
+        self.augmented = list(shared["augmented"])
+        self.router_state = dict(shared["router"])
+        self.last_check_step = shared["last_check_step"]
+        if self.collator is not None:
+            self.collator.replace_augmented(self.augmented)
 
     def _check_editor(self) -> None:
         if self.config.editor != "textgrad":
