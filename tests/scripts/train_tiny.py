@@ -54,10 +54,10 @@ def main() -> None:
     if a.kill_at_step is not None:
         trainer.add_callback(KillAt(a.kill_at_step))
     trainer.train(resume_from_checkpoint=a.resume)
-    if trainer.state.is_world_process_zero:
-        print("NSLORA_RESULT " + json.dumps({"prompt": cb.loop.prompt_state.current,
-                                             "version": cb.loop.prompt_state.version,
-                                             "steps": trainer.state.global_step}))
+    result = {"rank": int(os.environ.get("RANK", 0)), "prompt": cb.loop.prompt_state.current,
+              "version": cb.loop.prompt_state.version, "steps": trainer.state.global_step,
+              "collator": dict(cb.loop.collator.stats), "main": cb.loop.is_main}
+    print("NSLORA_RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
