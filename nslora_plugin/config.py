@@ -27,6 +27,7 @@ FALLBACKS = ("constraint", "none")
 EDITOR_BACKENDS = ("openai", "auto")
 ON_EDITOR_DOWN = ("numerical", "fail")
 TIE_BREAKS = ("nll", "accept", "reject")
+ROUTERS = ("prior", "learned")
 
 
 class NSLoRAConfigError(ValueError):
@@ -54,12 +55,16 @@ class NSLoRAConfig:
     grad_norm_threshold: float = 1.0
     saturation_patience: int = 2
 
-    # router: check every `check_every` optimizer steps (first check not before `warmup_steps`);
+    # router: "prior" (fixed interpretable weights) or "learned" (the same weights, updated online
+    # with `router_learning_rate` from the reward changes that followed each kind of update);
+    # check every `check_every` optimizer steps (first check not before `warmup_steps`);
     # a failure whose reference NLL per token is above `nll_threshold` looks factual; a symbolic
     # round runs when at least `style_share_threshold` of the failures look like style/constraint
     # problems, or when numerical training saturated; at most `max_symbolic_rounds` rounds;
     # after `stall_patience` symbolic rounds in a row without an accepted gain the router stays
     # numerical for `cooldown_checks` checks.
+    router: str = "prior"
+    router_learning_rate: float = 0.5
     check_every: int = 20
     warmup_steps: int = 0
     nll_threshold: float = 1.5
@@ -143,7 +148,7 @@ class NSLoRAConfig:
         for name in ("monitor_window", "saturation_patience", "check_every", "probe_size",
                      "probe_max_new_tokens", "probe_batch_size", "editor_timeout",
                      "editor_max_tokens", "editor_batch_size", "stall_patience",
-                     "max_prompt_chars", "nll_threshold"):
+                     "max_prompt_chars", "nll_threshold", "router_learning_rate"):
             positive(name)
         for name in ("loss_change_threshold", "grad_norm_threshold", "warmup_steps",
                      "max_symbolic_rounds", "cooldown_checks", "editor_temperature",
@@ -157,6 +162,7 @@ class NSLoRAConfig:
         one_of("editor_fallback", FALLBACKS)
         one_of("on_editor_down", ON_EDITOR_DOWN)
         one_of("gate_tie_break", TIE_BREAKS)
+        one_of("router", ROUTERS)
         if isinstance(self.plugins, str):
             self.plugins = [p.strip() for p in self.plugins.split(",") if p.strip()]
         if not isinstance(self.plugins, list) or not all(isinstance(p, str) for p in self.plugins):

@@ -260,11 +260,12 @@ class NeurosymbolicLoop:
                               components_after=entry.components_after,
                               meta={"rationale": proposal.rationale, **proposal.meta})
         self.decision_counts["accepted" if accepted else "rejected"] += 1
+        if accepted and after is not None:
+            self.reports.append(after)  # before the record: listeners read the new report
+            self.artifacts.append_jsonl("probe_reports.jsonl", {**after.summary(), "candidate": True})
         self.record("edit", step, outcome.to_dict())
         self._say(f"step {step}: {proposal.editor} candidate {reason}")
         if accepted and after is not None:
-            self.reports.append(after)
-            self.artifacts.append_jsonl("probe_reports.jsonl", {**after.summary(), "candidate": True})
             self._augment(candidate, after, before)
         return outcome
 

@@ -20,11 +20,11 @@ def builtin_plugins(config: NSLoRAConfig) -> list[tuple[str, Any]]:
     from .augment import PromptsAsData
     from .editor.constraint_editor import ConstraintEditor
     from .rewards import BuiltinRewards
-    from .router import PriorRouter
+    from .router import LearnedRouter, PriorRouter
 
     plugins: list[tuple[str, Any]] = [
         ("nslora.rewards", BuiltinRewards()),
-        ("nslora.router", PriorRouter()),
+        ("nslora.router", LearnedRouter() if config.router == "learned" else PriorRouter()),
         ("nslora.augment", PromptsAsData()),
     ]
     wants_constraint = config.editor == "constraint" or config.editor_fallback == "constraint"

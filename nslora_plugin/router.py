@@ -22,7 +22,7 @@ After `stall_patience` symbolic rounds in a row without an accepted gain, the ro
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
@@ -54,11 +54,14 @@ class PriorRouter:
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         self.weights = dict(weights or PRIOR_WEIGHTS)
 
+    def current_weights(self, loop: "NeurosymbolicLoop") -> dict[str, float]:
+        return self.weights
+
     @hookimpl(trylast=True)
     def nslora_classify_failure(self, result: ProbeResult, signal: TrainingSignal,
-                                config: NSLoRAConfig) -> FailureLabel:
+                                config: NSLoRAConfig, loop: "NeurosymbolicLoop") -> FailureLabel:
         features = failure_features(result, config)
-        p = p_symbolic(features, self.weights)
+        p = p_symbolic(features, self.current_weights(loop))
         return FailureLabel(example_id=result.example_id, label="style" if p >= 0.5 else "factual",
                             p_symbolic=round(p, 4), features=features)
 
@@ -72,7 +75,9 @@ class PriorRouter:
         n_fail = len(labels)
         style = [lab for lab in labels if lab.label == "style"]
         style_share = len(style) / n_fail if n_fail else 0.0
-        scores = {"failures": float(n_fail), "style_share": round(style_share, 4),
+        weights = self.current_weights(loop)
+        scores = {**{f"w_{k}": round(v, 4) for k, v in weights.items()},
+                  "failures": float(n_fail), "style_share": round(style_share, 4),
                   "mean_p_symbolic": round(sum(lab.p_symbolic for lab in labels) / n_fail, 4) if n_fail else 0.0,
                   "flat_checks": float(state["flat_checks"]),
                   "symbolic_rounds": float(state.get("symbolic_rounds", 0)),
@@ -102,6 +107,60 @@ class PriorRouter:
                           f"{n_fail} failures left")
         return decide("numerical", f"{n_fail - len(style)}/{n_fail} failures look factual "
                       f"and loss still moves (C1={_fmt(signal.c1)}); keep training LoRA")
+
+
+class LearnedRouter(PriorRouter):
+    """The prior classifier, updated online from what actually happened.
+
+    After a symbolic round, every example that failed at its check is remembered with its features,
+    its reward before the round (`r0`) and under the prompt the round left in place (`r1`). At the
+    next check, after a window of LoRA updates, its reward is `r2`. If the prompt change helped it
+    more than the weight updates did (`r1 - r0 > r2 - r1`) the target is "style" (1), if the
+    weights helped more it is "factual" (0); ties teach nothing. One logistic-regression SGD step
+    per observation (`router_learning_rate`), in example-id order, so runs are deterministic. The
+    weights live in the router state (saved in `state.json`, restored on resume) and are logged
+    with every decision.
+    """
+
+    def current_weights(self, loop: "NeurosymbolicLoop") -> dict[str, float]:
+        return loop.router_state.setdefault("weights", dict(self.weights))
+
+    @hookimpl
+    def nslora_on_decision(self, record: Any, loop: "NeurosymbolicLoop") -> None:
+        state = loop.router_state
+        if record.kind == "route" and loop.reports:
+            report = loop.reports[-1]
+            self._learn(state, report, loop.config)
+            state["last_check"] = {r.example_id: [r.reward, failure_features(r, loop.config)]
+                                   for r in report.results if not r.passed}
+        elif record.kind == "edit" and state.get("last_check"):
+            after = {r.example_id: r.reward for r in loop.reports[-1].results} \
+                if record.payload.get("accepted") else {}
+            state["pending"] = {eid: [r0, after.get(eid, r0), feats]
+                                for eid, (r0, feats) in state["last_check"].items()}
+
+    def _learn(self, state: dict, report: ProbeReport, config: NSLoRAConfig) -> None:
+        pending = state.pop("pending", None)
+        if not pending:
+            return
+        now = {r.example_id: r.reward for r in report.results}
+        weights = state.setdefault("weights", dict(self.weights))
+        lr = config.router_learning_rate
+        seen = 0
+        for eid in sorted(pending):
+            r0, r1, feats = pending[eid]
+            if eid not in now:
+                continue
+            gain_prompt, gain_weights = r1 - r0, now[eid] - r1
+            if abs(gain_prompt - gain_weights) < 1e-9:
+                continue
+            target = 1.0 if gain_prompt > gain_weights else 0.0
+            error = target - p_symbolic(feats, weights)
+            weights["bias"] = weights.get("bias", 0.0) + lr * error
+            for key, value in feats.items():
+                weights[key] = weights.get(key, 0.0) + lr * error * value
+            seen += 1
+        state["observations"] = state.get("observations", 0) + seen
 
 
 def record_symbolic_outcome(state: dict, accepted: bool, config: NSLoRAConfig) -> None:
