@@ -24,14 +24,19 @@ __all__ = ["NSLoRAConfig", "NSLoRAConfigError"]
 
 EDITORS = ("textgrad", "constraint", "none")
 FALLBACKS = ("constraint", "none")
-EDITOR_BACKENDS = ("openai", "auto")
+EDITOR_BACKENDS = ("openai", "litellm", "local")
 ON_EDITOR_DOWN = ("numerical", "fail")
 TIE_BREAKS = ("nll", "accept", "reject")
 ROUTERS = ("prior", "learned")
 
 
 class NSLoRAConfigError(ValueError):
-    """A bad config key or value. The message names the key, the value and what is allowed."""
+    """A bad config key or value. The message names the key, the value and what is allowed;
+    `.key` holds the offending field name (without the `nslora_` prefix)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -57,7 +62,9 @@ class NSLoRAConfig:
 
     # router: "prior" (fixed interpretable weights) or "learned" (the same weights, updated online
     # with `router_learning_rate` from the reward changes that followed each kind of update);
-    # check every `check_every` optimizer steps (first check not before `warmup_steps`);
+    # check every `check_every` optimizer steps (first check not before `warmup_steps`; with
+    # `check_at_start` also on the baseline probe before the first step, so what the prompt can
+    # fix is fixed before the weights start learning it);
     # a failure whose reference NLL per token is above `nll_threshold` looks factual; a symbolic
     # round runs when at least `style_share_threshold` of the failures look like style/constraint
     # problems, or when numerical training saturated; at most `max_symbolic_rounds` rounds;
@@ -67,6 +74,7 @@ class NSLoRAConfig:
     router_learning_rate: float = 0.5
     check_every: int = 20
     warmup_steps: int = 0
+    check_at_start: bool = False
     nll_threshold: float = 1.5
     style_share_threshold: float = 0.5
     max_symbolic_rounds: int = 4
@@ -100,12 +108,42 @@ class NSLoRAConfig:
     gate_tie_break: str = "nll"
     max_prompt_chars: int = 2000
 
+    # editor backend and calls (issue 3): `editor_backend` "openai" (any OpenAI-compatible
+    # endpoint at editor_base_url), "litellm" (editor_model is a LiteLLM model string such as
+    # "ollama/llama3"; editor_base_url, if set, is its api_base) or "local" (editor_model is a model
+    # folder run in-process with transformers). `editor_concurrency` independent calls of a round
+    # run at once (1 = sequential); `editor_retries` retries a call on HTTP 5xx/429 or a refused
+    # connection; `editor_cache` keeps replies under <artifacts>/editor_cache, keyed on backend,
+    # endpoint, model, messages, temperature and max_tokens. `edit_questions` also rewrites failing
+    # probe questions; a rewrite becomes a training row only if, under the current prompt, the
+    # model's reply to it still earns correctness 1.
+    editor_backend: str = "openai"
+    editor_concurrency: int = 4
+    editor_retries: int = 1
+    editor_cache: bool = True
+    edit_questions: bool = False
+
+    # editor budgets (0 = no cap): LLM calls started, tokens (prompt + completion, from the
+    # server's usage or estimated) and seconds of editor wall time, per symbolic round and per run.
+    # Caps are hard (a call that could pass one is not started). A spent run budget keeps the
+    # router numerical for the rest of the run and says why.
+    editor_max_calls_per_round: int = 0
+    editor_max_calls_per_run: int = 0
+    editor_max_tokens_per_round: int = 0
+    editor_max_tokens_per_run: int = 0
+    editor_max_seconds_per_round: float = 0.0
+    editor_max_seconds_per_run: float = 0.0
+
     # constraints: regex a compliant answer matches (its first group, if any, is the final answer),
     # the instruction that states the constraint in words (used by the editors), and the regex
     # that extracts the final answer from a reference or completion (default: the last number).
     answer_format: str | None = None
     format_instruction: str | None = None
     answer_pattern: str | None = None
+    # constraints (issue 3): a reply longer than `max_reply_chars` characters (0 = no limit) fails
+    # the "length" reward component; with `reply_json` a reply that is not valid JSON fails "json".
+    max_reply_chars: int = 0
+    reply_json: bool = False
 
     # mix: share of each training batch replaced by augmented examples once there are any
     # ("prompts as data"), and the cap on the augmented pool.
@@ -126,6 +164,10 @@ class NSLoRAConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = _field_kind(f)
+            # "none"/"null" means None only where None is allowed: editor="none" stays a string
+            if kind == "str" and isinstance(value, str) and "None" not in str(f.type) \
+                    and value.strip().lower() == "none":
+                continue
             setattr(self, f.name, _coerce(f.name, value, kind))
 
     def _validate(self) -> None:
@@ -152,8 +194,13 @@ class NSLoRAConfig:
             positive(name)
         for name in ("loss_change_threshold", "grad_norm_threshold", "warmup_steps",
                      "max_symbolic_rounds", "cooldown_checks", "editor_temperature",
-                     "augment_max_examples", "seed"):
+                     "augment_max_examples", "seed", "editor_retries", "max_reply_chars",
+                     "editor_max_calls_per_round", "editor_max_calls_per_run",
+                     "editor_max_tokens_per_round", "editor_max_tokens_per_run",
+                     "editor_max_seconds_per_round", "editor_max_seconds_per_run"):
             non_negative(name)
+        positive("editor_concurrency")
+        one_of("editor_backend", EDITOR_BACKENDS)
         for name in ("style_share_threshold", "augment_share"):
             unit(name)
         if not -1.0 <= self.acceptance_margin <= 1.0:
@@ -208,7 +255,7 @@ class NSLoRAConfig:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise NSLoRAConfigError(
                     f"Unknown NSLoRA config key {key!r}.{hint} Allowed keys: "
-                    + ", ".join(sorted(known)))
+                    + ", ".join(sorted(known)), key=key)
         return cls(**merged)
 
     @classmethod
@@ -268,7 +315,7 @@ def normalize_key(key: str) -> str:
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={value!r}: expected {allowed}.")
+    raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={value!r}: expected {allowed}.", key=name)
 
 
 def _default(f: dataclasses.Field) -> Any:

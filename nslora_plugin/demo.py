@@ -54,7 +54,7 @@ def demo_config(args: argparse.Namespace, output_dir: Path) -> NSLoRAConfig:
     check_every = max(args.max_steps // 6, 1)
     settings: dict[str, Any] = dict(
         system_prompt=DEMO_SYSTEM_PROMPT, answer_format=DEMO_ANSWER_FORMAT,
-        format_instruction=DEMO_FORMAT_INSTRUCTION, check_every=check_every,
+        format_instruction=DEMO_FORMAT_INSTRUCTION, check_every=check_every, check_at_start=True,
         monitor_window=max(check_every // 2, 2), probe_size=args.probe_size,
         probe_max_new_tokens=64, probe_batch_size=16, editor_batch_size=1, editor_max_tokens=200,
         editor_timeout=90.0, max_symbolic_rounds=2, output_dir=str(output_dir / "nslora"),

@@ -57,6 +57,7 @@ class NeurosymbolicLoop:
         self.last_check_step = -1
         self.llm_editor_ready = False
         self.editor_unavailable_reason = ""
+        self.editor_budget_reason = ""  # editor budgets: set by the editor once a run budget is spent
         self._model: Any = None
         self._console = console
         self.started = time.time()
@@ -75,6 +76,8 @@ class NeurosymbolicLoop:
 
     @property
     def editing_available(self) -> bool:
+        if self.editor_budget_reason:  # editor budgets: a spent run budget keeps the router numerical
+            return False
         return self.config.editor != "none" and (
             self.llm_editor_ready or self.config.editor == "constraint"
             or self.config.editor_fallback == "constraint")
@@ -106,6 +109,8 @@ class NeurosymbolicLoop:
             self.record("start", 0, {"prompt": self.prompt_state.current, "probe": report.summary(),
                                      "editor": self.config.editor,
                                      "llm_editor_ready": self.llm_editor_ready})
+            if self.config.check_at_start:
+                self.check(0, model, report=report)
         self.save()
 
     def restore(self, checkpoint_artifacts: Path) -> int:
@@ -163,18 +168,16 @@ class NeurosymbolicLoop:
             self.editor_unavailable_reason = f"editor={self.config.editor!r}"
             return
         plugin = self.pm.get_plugin("nslora.editor.textgrad")
-        if not self.config.editor_base_url:
-            self.editor_unavailable_reason = "editor_base_url is not set"
-        else:
-            try:
-                plugin.connect(self.config).health()
-                self.llm_editor_ready = True
-                return
-            except Exception as exc:
-                self.editor_unavailable_reason = f"editor endpoint unreachable ({_short(exc)})"
+        # editor backends: the plugin checks its own backend (endpoint, LiteLLM model, local model)
+        problem = plugin.startup_problem(self.config, self)
+        if problem is None:
+            self.llm_editor_ready = not self.editor_budget_reason
+            return
+        self.editor_unavailable_reason = redact(problem)
         if self.config.on_editor_down == "fail":
-            raise RuntimeError(f"NSLoRA: {self.editor_unavailable_reason}; set editor_base_url to a "
-                               "running OpenAI-compatible server, or on_editor_down='numerical'")
+            raise RuntimeError(f"NSLoRA: {self.editor_unavailable_reason}; point editor_base_url / "
+                               "editor_model at a working editor (editor_backend="
+                               f"{self.config.editor_backend!r}), or set on_editor_down='numerical'")
         fallback = ("the constraint editor stands in" if self.config.editor_fallback == "constraint"
                     else "training stays numerical")
         self.record_fault("startup", f"{self.editor_unavailable_reason}; {fallback}")
@@ -199,9 +202,9 @@ class NeurosymbolicLoop:
         return self.check(step, model)
 
     # ---------------------------------------------------------------- one check
-    def check(self, step: int, model: Any) -> RouteDecision:
+    def check(self, step: int, model: Any, report: ProbeReport | None = None) -> RouteDecision:
         self.last_check_step = step
-        report = self.evaluate(model, step=step)
+        report = report or self.evaluate(model, step=step)
         signal = self.monitor.signal(step)
         labels = [self.pm.hook.nslora_classify_failure(result=r, signal=signal, config=self.config,
                                                         loop=self) for r in report.failures]

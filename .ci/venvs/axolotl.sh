@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Build the virtual environment the Axolotl adapter is tested in.
+#
+#   .ci/venvs/axolotl.sh DEST        e.g.  .ci/venvs/axolotl.sh .venvs/axolotl
+#
+# Axolotl pins its own transformers / trl / peft / accelerate / datasets, which differ from the
+# main dev environment, so the adapter gets a venv of its own:
+#   1. Python 3.11 venv at DEST (axolotl 0.19.0 is the newest release for Python 3.11);
+#   2. `pip install torch==2.13.0` first (a CPU build here; a bare `torch` requirement can pull a
+#      multi-GB CUDA build), then axolotl==0.19.0 constrained to that torch;
+#   3. this repository, editable and without dependencies, plus the few dependencies of ours that
+#      Axolotl does not bring (pluggy, textgrad, rich, pyyaml, openai, bitsandbytes), constrained by
+#      a freeze of the venv so they cannot move any of Axolotl's pins.
+#
+# Idempotent: a finished venv carries a marker holding a fingerprint of this script and of
+# pyproject.toml; when it matches, the script only re-checks imports (about a second) and exits.
+# A half-built DEST (no marker) is resumed: pip skips what is already installed.
+#
+# Environment knobs:
+#   NSLORA_PYTHON        interpreter to build from (default: python3.11 on PATH, else pyenv's 3.11)
+#   NSLORA_TORCH_SPEC    torch requirement (default torch==2.13.0; CUDA users: their own build)
+#   NSLORA_AXOLOTL_SPEC  axolotl requirement (default axolotl==0.19.0)
+#   NSLORA_VENV_FORCE=1  rebuild the Python side even if the marker matches
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 DEST   (e.g. $0 .venvs/axolotl)" >&2
+  exit 2
+fi
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+mkdir -p "$1"
+DEST="$(cd "$1" && pwd)"
+MARKER="$DEST/.nslora-venv-complete"
+TORCH_SPEC="${NSLORA_TORCH_SPEC:-torch==2.13.0}"
+AXOLOTL_SPEC="${NSLORA_AXOLOTL_SPEC:-axolotl==0.19.0}"
+EXTRAS=(pluggy textgrad rich pyyaml openai bitsandbytes)
+
+fingerprint() {
+  {
+    cat "${BASH_SOURCE[0]}" "$REPO/pyproject.toml"
+    echo "$TORCH_SPEC $AXOLOTL_SPEC"
+  } | sha256sum | cut -d' ' -f1
+}
+FP="$(fingerprint)"
+
+imports_ok() {
+  # Cheap check (no heavy imports): the packages resolve and the editable install points here.
+  "$DEST/bin/python" - "$REPO" <<'EOF' >/dev/null 2>&1
+import importlib.util, pathlib, sys
+for name in ("torch", "axolotl", "transformers", "peft", "trl", "bitsandbytes", "textgrad", "pluggy"):
+    assert importlib.util.find_spec(name) is not None, name
+spec = importlib.util.find_spec("nslora_plugin")
+assert spec is not None and pathlib.Path(spec.origin).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve())
+assert importlib.util.find_spec("nslora_plugin.integrations.axolotl") is not None
+EOF
+}
+
+if [[ "${NSLORA_VENV_FORCE:-0}" != 1 && -f "$MARKER" && "$(cat "$MARKER")" == "$FP" ]] && imports_ok; then
+  echo "[axolotl venv] $DEST is complete (marker matches); nothing to do."
+  exit 0
+fi
+
+find_python() {
+  if [[ -n "${NSLORA_PYTHON:-}" ]]; then echo "$NSLORA_PYTHON"; return; fi
+  if command -v python3.11 >/dev/null 2>&1; then command -v python3.11; return; fi
+  local root
+  root="$( (pyenv root 2>/dev/null) || echo "$HOME/.pyenv")"
+  for candidate in "$root"/versions/3.11*/bin/python3.11; do
+    if [[ -x "$candidate" ]]; then echo "$candidate"; return; fi
+  done
+  echo "[axolotl venv] no Python 3.11 found: set NSLORA_PYTHON=/path/to/python3.11" >&2
+  exit 1
+}
+
+START=$SECONDS
+rm -f "$MARKER"
+if [[ ! -x "$DEST/bin/python" ]]; then
+  PYTHON="$(find_python)"
+  echo "[axolotl venv] creating $DEST with $PYTHON"
+  "$PYTHON" -m venv "$DEST"
+fi
+VERSION="$("$DEST/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [[ "$VERSION" != "3.11" ]]; then
+  echo "[axolotl venv] $DEST has Python $VERSION; axolotl 0.19.0 needs 3.11. Remove it and rerun." >&2
+  exit 1
+fi
+PIP=("$DEST/bin/python" -m pip --disable-pip-version-check --no-input)
+pip_install() {
+  # pip repeats one warning per package for index locations that are not there; drop only those.
+  "${PIP[@]}" install --quiet "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+echo "[axolotl venv] 1/3 $TORCH_SPEC"
+pip_install "$TORCH_SPEC"
+
+echo "[axolotl venv] 2/3 $AXOLOTL_SPEC (constrained to the torch just installed)"
+"${PIP[@]}" freeze | grep -iE '^torch==' >"$WORK/cons.txt"
+pip_install -c "$WORK/cons.txt" "$AXOLOTL_SPEC"
+
+echo "[axolotl venv] 3/3 nslora-plugin (editable, --no-deps) + ${EXTRAS[*]}"
+# Everything now in the venv is pinned, so our extras may only add packages, never move one.
+"${PIP[@]}" freeze --exclude-editable | grep -vE '^(-e |#)| @ ' >"$WORK/frozen.txt"
+pip_install -c "$WORK/frozen.txt" "${EXTRAS[@]}"
+pip_install --no-deps -e "$REPO"
+"${PIP[@]}" check || echo "[axolotl venv] note: pip check reports the issues above (pre-existing in axolotl's own pins)"
+
+imports_ok || { echo "[axolotl venv] import check failed in $DEST" >&2; exit 1; }
+echo "$FP" >"$MARKER"
+echo "[axolotl venv] done in $((SECONDS - START)) s: $DEST"

@@ -1,0 +1,267 @@
+"""Axolotl config keys of the NSLoRA plugin, as the pydantic model Axolotl merges into its schema.
+
+Axolotl builds its config class by inheriting from every plugin's `get_input_args()` model, so the
+fields below become top-level YAML keys. Two spellings are accepted:
+
+    nslora: true                      # flat: the switch plus one `nslora_<field>` key per setting
+    nslora_probe_path: data/probe.jsonl
+    nslora_check_every: 20
+
+    nslora:                           # mapping: the same settings without the prefix
+      probe_path: data/probe.jsonl    # (`enabled: false` inside turns it off)
+      check_every: 20
+
+A before-validator turns the mapping into the flat keys, validates every setting with
+`NSLoRAConfig` (so the rules and messages are the core's, re-worded to name the YAML key), rejects
+misspelled `nslora_*` keys (Axolotl itself drops unknown keys silently) and the Axolotl settings
+NSLoRA cannot work with (sample packing, collation in worker processes, RL trainers).
+
+This module itself imports pydantic and the core config only, so it can be used and tested
+without Axolotl installed (the package `__init__` then defines a plugin that explains how to
+install Axolotl when instantiated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError
+
+__all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
+           "normalize_axolotl_cfg", "nslora_enabled"]
+
+log = logging.getLogger("nslora")
+
+SWITCH = "nslora"
+PREFIX = "nslora_"
+# `nslora_enabled` is the flat spelling of the switch; everything else maps to one config field.
+_FIELDS = {f.name: f for f in dataclasses.fields(NSLoRAConfig)}
+_FLAT_KEYS = {PREFIX + name: name for name in _FIELDS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the settings out of an Axolotl config (raw YAML dict or validated DictDefault)
+# ------------------------------------------------------------------------------------------------
+
+
+def _yaml_key(name: str, mapping_form: bool) -> str:
+    return f"{SWITCH}.{name}" if mapping_form else PREFIX + name
+
+
+def _unknown(key: str, mapping_form: bool) -> NSLoRAConfigError:
+    name = key[len(PREFIX):] if not mapping_form else key
+    choices = sorted(_FIELDS) if mapping_form else sorted(_FLAT_KEYS)
+    close = difflib.get_close_matches(key, choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    where = f"under '{SWITCH}:'" if mapping_form else "at the top level"
+    return NSLoRAConfigError(
+        f"Unknown NSLoRA key {_yaml_key(name, mapping_form)!r} {where}.{hint} Allowed: "
+        + ", ".join(choices))
+
+
+def _switch_value(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"false", "no", "off", "0", ""}:
+        return False
+    raise NSLoRAConfigError(
+        f"Invalid value {SWITCH}={value!r}: expected true, false, or a mapping of NSLoRA settings "
+        f"(e.g. '{SWITCH}: {{probe_path: probe.jsonl, check_every: 20}}').")
+
+
+def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict[str, str]]:
+    """Return (enabled, settings without prefix, setting -> YAML key it came from).
+
+    Only explicitly set (non-None) values are collected. Enabling needs `nslora: true`,
+    `nslora_enabled: true` or an `nslora:` mapping; `nslora_*` keys alone do not switch it on.
+    """
+    settings: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    enabled = False
+    switch = cfg.get(SWITCH)
+    if isinstance(switch, Mapping):
+        enabled = True
+        for raw_key, value in switch.items():
+            key = str(raw_key).strip().replace("-", "_")
+            if key.startswith(PREFIX):
+                key = key[len(PREFIX):]
+            if key not in _FIELDS:
+                raise _unknown(key, mapping_form=True)
+            if value is not None:
+                settings[key] = value
+                origin[key] = _yaml_key(key, mapping_form=True)
+    elif switch is not None:
+        enabled = _switch_value(switch)
+
+    for raw_key, value in cfg.items():
+        key = str(raw_key)
+        if not key.startswith(PREFIX) or value is None:
+            continue
+        if key not in _FLAT_KEYS:
+            raise _unknown(key, mapping_form=False)
+        name = _FLAT_KEYS[key]
+        if name in settings and settings[name] != value:
+            raise NSLoRAConfigError(
+                f"NSLoRA setting {name!r} is given twice with different values: "
+                f"{origin[name]}={settings[name]!r} and {key}={value!r}; keep one of them.")
+        settings[name] = value
+        origin.setdefault(name, key)
+
+    if "enabled" in settings:
+        flag = _switch_value(settings["enabled"])
+        if switch is not None and not isinstance(switch, Mapping) and flag != enabled:
+            raise NSLoRAConfigError(
+                f"{SWITCH}={switch!r} and {origin['enabled']}={settings['enabled']!r} disagree; "
+                f"keep only '{SWITCH}: true' or '{SWITCH}: false'.")
+        enabled = flag
+        settings["enabled"] = flag
+    return enabled, settings, origin
+
+
+def nslora_enabled(cfg: Mapping[str, Any]) -> bool:
+    """True when the config switches NSLoRA on (never raises: bad values are reported by the
+    validator)."""
+    try:
+        return collect_settings(cfg)[0]
+    except NSLoRAConfigError:
+        return False
+
+
+_VALUE_NAME = re.compile(r"value (\w+)=")
+
+
+def _build(settings: dict[str, Any], origin: dict[str, str]) -> NSLoRAConfig:
+    try:
+        return NSLoRAConfig.from_dict(settings)
+    except NSLoRAConfigError as exc:
+        # The core names the field (`check_every`); say which YAML key that is.
+        match = _VALUE_NAME.search(str(exc))
+        name = match.group(1) if match else None
+        key = origin.get(name or "", PREFIX + name if name else None)
+        if key is None:
+            raise
+        raise NSLoRAConfigError(f"{key}: {exc}") from None
+
+
+def config_from_axolotl(cfg: Mapping[str, Any]) -> NSLoRAConfig | None:
+    """The `NSLoRAConfig` of an Axolotl config, or None when NSLoRA is not switched on."""
+    enabled, settings, origin = collect_settings(cfg)
+    if not enabled:
+        return None
+    settings["enabled"] = True
+    return _build(settings, origin)
+
+
+def normalize_axolotl_cfg(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate the NSLoRA part of a raw Axolotl config and rewrite it in the flat form.
+
+    Raises `NSLoRAConfigError` (a ValueError, so pydantic reports it) naming the offending key.
+    """
+    enabled, settings, origin = collect_settings(data)
+    if not settings and SWITCH not in data:
+        return data
+    config = _build({**settings, "enabled": enabled}, origin)
+    if not enabled and SWITCH not in data:
+        log.warning("NSLoRA: %s are set but '%s: true' is not, so NSLoRA is off",
+                    ", ".join(sorted(origin.values())), SWITCH)
+    # Flat form with the coerced values, so the typed fields below accept them as they are.
+    data = dict(data)
+    data[SWITCH] = enabled
+    for name in settings:
+        if name != "enabled":
+            data[PREFIX + name] = getattr(config, name)
+    data.pop(PREFIX + "enabled", None)
+    if enabled:
+        _check_axolotl_settings(data, config, origin)
+    return data
+
+
+def _check_axolotl_settings(data: Mapping[str, Any], config: NSLoRAConfig,
+                            origin: dict[str, str]) -> None:
+    if config.probe_path is None:
+        raise NSLoRAConfigError(
+            f"{PREFIX}probe_path is required when {SWITCH}: true — a JSONL file of held-out "
+            "examples (rows with `messages`, or `question`/`answer`) that NSLoRA scores at each check")
+    if not Path(config.probe_path).is_file():
+        raise NSLoRAConfigError(
+            f"{origin.get('probe_path', PREFIX + 'probe_path')}: file {config.probe_path!r} does not "
+            f"exist (relative paths are read from the working directory, {str(Path.cwd())!r})")
+    if data.get("sample_packing"):
+        raise NSLoRAConfigError(
+            "sample_packing: true cannot be combined with nslora: true — accepted prompts are "
+            "spliced into each example at batch time, which packed batches do not allow; set "
+            "sample_packing: false")
+    workers = data.get("dataloader_num_workers")
+    if workers not in (None, 0):
+        raise NSLoRAConfigError(
+            f"dataloader_num_workers: {workers} cannot be combined with nslora: true — batches "
+            "collated in worker processes never see prompt edits; set dataloader_num_workers: 0 "
+            "(or leave it unset: the plugin sets 0)")
+    if data.get("rl"):
+        raise NSLoRAConfigError(
+            f"rl: {data.get('rl')} is not supported with nslora: true — NSLoRA edits the system "
+            "prompt of supervised (SFT) examples; remove rl: or set nslora: false")
+
+
+# ------------------------------------------------------------------------------------------------
+# The pydantic model Axolotl merges into its config schema
+# ------------------------------------------------------------------------------------------------
+
+
+class _NSLoRAArgsBase(BaseModel):
+    """Validation shared by every NSLoRA key (see the module docstring)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nslora_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return normalize_axolotl_cfg(data)
+        return data
+
+
+def _annotation(f: dataclasses.Field) -> Any:
+    kind = str(f.type)
+    if kind.startswith("bool"):
+        return bool | None
+    if kind.startswith("int"):
+        return int | None
+    if kind.startswith("float"):
+        return float | None
+    if kind.startswith("list"):
+        return list[str] | str | None
+    return str | None
+
+
+def _default_text(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+_field_definitions: dict[str, Any] = {
+    SWITCH: (bool | None, Field(default=None, json_schema_extra={
+        "description": "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of settings "
+                       "(without the prefix) also switches it on. Off, every plugin hook is a no-op."})),
+}
+for _name, _f in _FIELDS.items():
+    if _name == "enabled":
+        continue
+    _field_definitions[PREFIX + _name] = (_annotation(_f), Field(default=None, json_schema_extra={
+        "description": f"NSLoRAConfig.{_name} (default {_default_text(_f)!r}); see the NSLoRA "
+                       "README, 'Configuration'."}))
+
+#: Axolotl input args: `plugins: [nslora_plugin.integrations.axolotl.NSLoRAPlugin]` merges these
+#: fields into the config schema. Generated from `NSLoRAConfig`, so every core setting has a key.
+NSLoRAArgs = create_model("NSLoRAArgs", __base__=_NSLoRAArgsBase, __module__=__name__,
+                          **_field_definitions)
+NSLoRAArgs.__doc__ = "Input args of the NSLoRA Axolotl plugin (`nslora` plus `nslora_<setting>`)."
