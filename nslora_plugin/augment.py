@@ -1,10 +1,11 @@
 """Prompts as data: what an accepted symbolic edit contributes to the training mix.
 
-An edit that fixes an example shows what a good reply under the refined prompt looks like. The
-built-in plugin keeps, for every example that failed before the edit and passes after it, the
-model's own passing reply (a self-generated, reward-checked target) and, when the example has a
-reference, the reference reply too. The collator renders these rows with the *current* system
-prompt at batch time, so the weights learn to give these replies under the prompt that elicited them.
+The refined prompt plus the examples it was refined on are new training data. For every probe
+example that failed before an accepted edit, the built-in plugin adds its reference reply (when
+that reply itself satisfies the configured format) and, if the edit fixed the example, the model's
+own passing reply too (a self-generated, reward-checked target). The collator renders these rows
+with the *current* system prompt at batch time, so the weights learn to give such replies under
+the prompt that asks for them — the prompt's effect is distilled into the adapter.
 
 Note: the rows come from probe examples, so later probe numbers are no longer fully held out;
 `nslora demo` therefore also reports a separate held-out evaluation split.
@@ -25,13 +26,14 @@ class PromptsAsData:
     def nslora_augment_examples(self, prompt: str, report: ProbeReport, before: ProbeReport,
                                 examples: dict[str, ProbeExample],
                                 config: NSLoRAConfig) -> list[dict[str, Any]]:
-        failed_before = {r.example_id for r in before.failures}
+        after = {r.example_id: r for r in report.results}
         rows: list[dict[str, Any]] = []
-        for result in report.results:
-            if result.example_id not in failed_before or not result.passed:
-                continue
-            example = examples[result.example_id]
-            replies = [("self", result.completion)]
+        for failed in before.failures:
+            example = examples[failed.example_id]
+            fixed = after.get(failed.example_id)
+            replies = []
+            if fixed is not None and fixed.passed:
+                replies.append(("self", fixed.completion))
             if not config.answer_format or format_compliant(example.reference, config.answer_format):
                 replies.append(("reference", example.reference))
             for source, reply in replies:

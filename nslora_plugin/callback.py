@@ -81,7 +81,9 @@ class NSLoRACallback(TrainerCallback):
                 log.warning("NSLoRA: resuming at step %s but %s has no NSLoRA state; starting the "
                             "loop afresh from the initial prompt", state.global_step, saved)
         if train_dataloader is not None:
-            wrap_collate_fn(train_dataloader, self.loop.wrap_collator)
+            max_length = getattr(args, "max_length", None) or getattr(args, "sequence_len", None)
+            wrap_collate_fn(train_dataloader,
+                            lambda base: self.loop.wrap_collator(base, max_length=max_length))
         self._hook_handle = model.register_forward_hook(self._capture_loss)
         self.loop.start(model, resumed_step=resumed_step)
         self._sync_ranks(args)

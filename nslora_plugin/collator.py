@@ -94,11 +94,13 @@ class NSLoRACollator:
     """Wraps a framework collator; see the module docstring. Thread-safe reads of the prompt."""
 
     def __init__(self, base: Callable[[list[dict[str, Any]]], Any], tokenizer: Any,
-                 prompt_state: PromptState, *, augment_share: float = 0.0, seed: int = 0) -> None:
+                 prompt_state: PromptState, *, augment_share: float = 0.0, seed: int = 0,
+                 max_length: int | None = None) -> None:
         self.base = base
         self.tokenizer = tokenizer
         self.prompt_state = prompt_state
         self.augment_share = augment_share
+        self.max_length = max_length
         self.augmented: list[dict[str, Any]] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -135,6 +137,8 @@ class NSLoRACollator:
                 self.stats["swapped" if ok else "no_span"] += 1
             out.append(feature)
         out = self._mix(out, prompt)
+        if self.max_length:
+            out = [_truncate(f, self.max_length) for f in out]
         return self.base(out)
 
     def _span(self, prompt: str) -> list[int]:
@@ -223,6 +227,15 @@ class NSLoRACollator:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("NSLoRA: %s", message)
+
+
+def _truncate(feature: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Right-truncate every per-token field, as the frameworks do (a longer prompt can push a
+    spliced example past the trainer's max length)."""
+    n = len(feature["input_ids"])
+    if n <= max_length:
+        return feature
+    return {k: (v[:max_length] if _is_sequence(v) and len(v) == n else v) for k, v in feature.items()}
 
 
 def _is_sequence(value: Any) -> bool:

@@ -82,9 +82,10 @@ class NeurosymbolicLoop:
             self.llm_editor_ready or self.config.editor == "constraint"
             or self.config.editor_fallback == "constraint")
 
-    def wrap_collator(self, base: Any) -> NSLoRACollator:
+    def wrap_collator(self, base: Any, max_length: int | None = None) -> NSLoRACollator:
         self.collator = NSLoRACollator(base, self.tokenizer, self.prompt_state,
-                                       augment_share=self.config.augment_share, seed=self.config.seed)
+                                       augment_share=self.config.augment_share, seed=self.config.seed,
+                                       max_length=max_length)
         if self.augmented:
             self.collator.add_augmented(self.augmented, self.config.augment_max_examples)
         return self.collator

@@ -97,3 +97,13 @@ def test_rows_without_the_initial_prompt_are_left_alone_and_counted(tok, caplog)
     assert out[0]["input_ids"] == ids
     assert collator.stats["no_span"] == 2
     assert sum("initial system prompt" in r.message for r in caplog.records) == 1
+
+
+def test_spliced_examples_respect_the_trainers_max_length(tok):
+    ids, _ = encode(tok, SYSTEM)
+    state = PromptState(SYSTEM)
+    accept(state, NEW + " " + "Think step by step. " * 20)
+    collator = NSLoRACollator(lambda f: f, tok, state, max_length=len(ids))
+    out = collator([{"input_ids": list(ids), "labels": list(ids), "meta": 1}])
+    assert len(out[0]["input_ids"]) == len(out[0]["labels"]) == len(ids)
+    assert tok.decode(out[0]["input_ids"]).count("Think step by step.") >= 1
