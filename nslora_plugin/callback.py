@@ -31,7 +31,8 @@ log = logging.getLogger("nslora")
 
 class NSLoRACallback(TrainerCallback):
     def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
-                 tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None) -> None:
+                 tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None,
+                 max_length: int | None = None) -> None:
         if config is None:
             config = NSLoRAConfig()
         elif isinstance(config, dict):
@@ -43,6 +44,7 @@ class NSLoRACallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.plugins = list(plugins)
         self.console = console
+        self.max_length = max_length
         self.loop: NeurosymbolicLoop | None = None
         self.summary: dict[str, Any] = {}
         self._hook_handle: Any = None
@@ -81,7 +83,8 @@ class NSLoRACallback(TrainerCallback):
                 log.warning("NSLoRA: resuming at step %s but %s has no NSLoRA state; starting the "
                             "loop afresh from the initial prompt", state.global_step, saved)
         if train_dataloader is not None:
-            max_length = getattr(args, "max_length", None) or getattr(args, "sequence_len", None)
+            max_length = (self.max_length or getattr(args, "max_length", None)
+                          or getattr(args, "sequence_len", None))
             wrap_collate_fn(train_dataloader,
                             lambda base: self.loop.wrap_collator(base, max_length=max_length))
         self._hook_handle = model.register_forward_hook(self._capture_loss)

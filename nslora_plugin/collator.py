@@ -205,9 +205,10 @@ class NSLoRACollator:
         prefix = tok(render(tok, messages[:-1], generation_prompt=True), add_special_tokens=False)["input_ids"]
         start = min(len(prefix), len(full))
         feature: dict[str, Any] = {}
+        width = len(template["input_ids"])
         for key, value in template.items():
-            if not _is_sequence(value):
-                continue
+            if not _is_sequence(value) or len(value) != width:
+                continue  # only per-token fields; others (images, ids, ...) are not invented
             if key == "input_ids":
                 seq = full
             elif key == "labels":

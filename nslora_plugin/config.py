@@ -45,7 +45,7 @@ class NSLoRAConfig:
     `from_yaml` or `from_cli`; every constructor validates and raises `NSLoRAConfigError`."""
 
     # run: switch, artifacts folder (None: `<trainer output_dir>/nslora`), initial system prompt
-    # (None: the system prompt found in the probe data, else the chat template's default), seed.
+    # (the system message the training rows carry; None: the chat template's default one), seed.
     enabled: bool = True
     output_dir: str | None = None
     system_prompt: str | None = None
@@ -201,6 +201,10 @@ class NSLoRAConfig:
             non_negative(name)
         positive("editor_concurrency")
         one_of("editor_backend", EDITOR_BACKENDS)
+        for name in ("editor_max_calls_per_round", "editor_max_calls_per_run"):
+            if 0 < getattr(self, name) < 4:  # the smallest round: 3 calls for one example + 1 update
+                _fail(name, getattr(self, name), "0 (no cap) or at least 4 (the smallest TextGrad "
+                      "round: 3 calls for one example and 1 update)")
         for name in ("style_share_threshold", "augment_share"):
             unit(name)
         if not -1.0 <= self.acceptance_margin <= 1.0:
