@@ -5,7 +5,9 @@
     attach(trainer, {"probe_path": "probe.jsonl", "editor_base_url": "http://localhost:8000/v1"})
     trainer.train()
 
-or, equivalently, `SFTTrainer(..., callbacks=[NSLoRACallback(config)])`.
+or, equivalently, `SFTTrainer(..., callbacks=[NSLoRACallback(config)])`. In a `TrlParser` script,
+add `NSLoRAArguments` to the dataclass tuple and call `maybe_attach(trainer, nslora_args)`: it does
+nothing unless `--nslora` was given (see `args.py`, and `nslora-trl sft` in `cli.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any, Sequence
 from nslora_plugin.artifacts import ARTIFACT_DIR
 from nslora_plugin.config import NSLoRAConfig
 
-__all__ = ["attach", "NSLoRACallback", "save_artifacts"]
+from .args import NSLoRAArguments, maybe_attach
+
+__all__ = ["attach", "NSLoRACallback", "save_artifacts", "NSLoRAArguments", "maybe_attach"]
 
 
 def __getattr__(name: str) -> Any:
