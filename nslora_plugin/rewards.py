@@ -2,11 +2,15 @@
 
 Both are deterministic (no LLM) so that the router and the validation gate are cheap and
 reproducible. `correctness` compares final answers (numbers compare numerically, GSM8K style);
-`format` is 1 when the completion matches the configured `answer_format` regex.
+`format` is 1 when the completion matches the configured `answer_format` regex. Two more
+symbolic constraints, when configured: `length` (the reply has at most `max_reply_chars`
+characters) and `json` (the reply is valid JSON, with `reply_json`). The constraint components are
+listed in `CONSTRAINT_COMPONENTS`; the editors state each violated one in the system prompt.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from .config import NSLoRAConfig
@@ -54,6 +58,18 @@ def format_compliant(completion: str, answer_format: str) -> bool:
     return re.search(answer_format, completion, flags=re.MULTILINE) is not None
 
 
+#: Reward components that are symbolic constraints on the form of a reply (not its content).
+CONSTRAINT_COMPONENTS = ("format", "length", "json")
+
+
+def is_json(completion: str) -> bool:
+    try:
+        json.loads(completion.strip())
+    except ValueError:
+        return False
+    return True
+
+
 class BuiltinRewards:
     """`correctness` always (when the example has an answer); `format` when a format is configured."""
 
@@ -66,4 +82,8 @@ class BuiltinRewards:
             scores["correctness"] = float(answers_match(predicted, example.answer))
         if config.answer_format:
             scores["format"] = float(format_compliant(completion, config.answer_format))
+        if config.max_reply_chars:
+            scores["length"] = float(len(completion) <= config.max_reply_chars)
+        if config.reply_json:
+            scores["json"] = float(is_json(completion))
         return scores or None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
+from .rewards import CONSTRAINT_COMPONENTS
 from .types import FailureLabel, ProbeReport, ProbeResult, RouteDecision, TrainingSignal
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ PRIOR_WEIGHTS: dict[str, float] = {"bias": -1.0, "format_violation": 3.0,
 
 def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, float]:
     return {
-        "format_violation": 1.0 - result.rewards.get("format", 1.0),
+        "format_violation": 1.0 - min((result.rewards.get(c, 1.0) for c in CONSTRAINT_COMPONENTS),
+                                      default=1.0),
         "nll_ratio": min(result.ref_nll / config.nll_threshold, 5.0),
         "wrong": 1.0 - result.rewards.get("correctness", 1.0),
     }

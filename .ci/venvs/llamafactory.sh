@@ -184,7 +184,7 @@ if ! "${PIP[@]}" check >"$WORK/check.txt" 2>&1; then
   fi
 fi
 log "import check"
-LITELLM_LOCAL_MODEL_COST_MAP=True HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES="" "$PY" - <<'EOF'
+TEXTGRAD_LOG_DIR="$WORK/textgrad-logs" LITELLM_LOCAL_MODEL_COST_MAP=True HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES="" "$PY" - <<'EOF'
 import importlib.util
 import transformers, trl, peft, accelerate, datasets, bitsandbytes, textgrad, pluggy
 import llamafactory.train.tuner  # noqa: F401  (imports mm_plugin -> torchaudio)

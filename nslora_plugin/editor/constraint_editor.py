@@ -1,7 +1,12 @@
-"""A deterministic editor with no LLM: it states the violated constraint in the system prompt.
+"""A deterministic editor with no LLM: it states each violated constraint in the system prompt.
 
 It is what runs when no editor LLM is configured or reachable, and the fallback when an LLM's
 candidates fail the validation gate. Its candidates go through the same gate and history.
+
+The constraints are the ones the reward functions check (`rewards.CONSTRAINT_COMPONENTS`): the
+answer format (regex, stated by `format_instruction` or derived from the regex), the reply length
+(`max_reply_chars`) and JSON replies (`reply_json`). One candidate covers every constraint that some
+failure violates and that the prompt does not state yet.
 """
 
 from __future__ import annotations
@@ -15,13 +20,34 @@ from ..types import EditProposal, ProbeResult
 NAME = "constraint"
 
 
-def constraint_statement(config: NSLoRAConfig) -> str | None:
-    """The constraint in words: the configured instruction, else one derived from the regex."""
+def constraint_statements(config: NSLoRAConfig) -> dict[str, str]:
+    """Reward component → the constraint in words, for every configured constraint (in order)."""
+    out: dict[str, str] = {}
     if config.format_instruction:
-        return config.format_instruction.strip()
-    if config.answer_format:
-        return f"Your reply must contain a line matching the pattern {config.answer_format}"
-    return None
+        out["format"] = config.format_instruction.strip()
+    elif config.answer_format:
+        out["format"] = f"Your reply must contain a line matching the pattern {config.answer_format}"
+    if config.reply_json:
+        out["json"] = "Reply with one valid JSON value and nothing else (no prose, no code fences)."
+    if config.max_reply_chars:
+        out["length"] = f"Keep every reply under {config.max_reply_chars} characters."
+    return out
+
+
+def constraint_statement(config: NSLoRAConfig) -> str | None:
+    """All configured constraints in words, one per line (None when there are none)."""
+    statements = constraint_statements(config)
+    return "\n".join(statements.values()) if statements else None
+
+
+def violated_constraints(failures: Sequence[ProbeResult], config: NSLoRAConfig) -> dict[str, int]:
+    """Constraint component → number of failures that violate it."""
+    counts: dict[str, int] = {}
+    for component in constraint_statements(config):
+        n = sum(1 for f in failures if f.rewards.get(component, 1.0) < 1.0)
+        if n:
+            counts[component] = n
+    return counts
 
 
 class ConstraintEditor:
@@ -32,17 +58,19 @@ class ConstraintEditor:
                             config: NSLoRAConfig, tried: tuple[str, ...]) -> EditProposal | None:
         if NAME in tried:
             return None
-        statement = constraint_statement(config)
-        violated = [f for f in failures if f.rewards.get("format", 1.0) < 1.0]
-        if statement is None or not violated:
-            return None
-        if statement in (prompt or ""):
-            return None  # already stated; restating it cannot help
+        statements = constraint_statements(config)
+        violated = violated_constraints(failures, config)
         base = (prompt or "").rstrip()
-        candidate = f"{base}\n{statement}" if base else statement
+        # restating a constraint the prompt already carries cannot help
+        missing = [c for c in statements if c in violated and statements[c] not in base]
+        if not missing:
+            return None
+        candidate = "\n".join([base, *(statements[c] for c in missing)]) if base else \
+            "\n".join(statements[c] for c in missing)
         if len(candidate) > config.max_prompt_chars:
             return None
+        detail = ", ".join(f"{c} ({violated[c]}/{len(failures)} failures)" for c in missing)
         return EditProposal(editor=NAME, prompt=candidate,
-                            rationale=f"{len(violated)}/{len(failures)} failures violate the format "
-                                      "constraint; state it in the system prompt",
-                            meta={"violations": len(violated)})
+                            rationale=f"state the violated constraints in the system prompt: {detail}",
+                            meta={"violations": sum(violated[c] for c in missing),
+                                  "constraints": {c: violated[c] for c in missing}})

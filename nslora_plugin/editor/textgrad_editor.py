@@ -1,33 +1,51 @@
-"""The TextGrad editor: optimize the system prompt through an external LLM, fed with failing probes.
+"""The TextGrad editor: optimize the system prompt through an editor LLM, fed with failing probes.
 
-One round with batch B (the first `editor_batch_size` failures, in a fixed order):
+One round with batch B (the first failures by example id, as many as `editor_batch_size` and the
+budget allow):
 - forward: the student's replies are the ones the probe already generated under the current prompt
   (the local model exposed as a TextGrad engine, so no editor call is spent on them);
-- loss: the editor LLM critiques each reply against its reference answer and the constraints (B calls);
-- backward: feedback on the reply, then on the system prompt (2B calls);
-- update: one `TextualGradientDescent` step (1 call) → at most 3B+1 calls, fewer than TextGrad's 4B+1.
+- per example, independently: loss (the editor critiques the reply against its reference and the
+  constraints, 1 call), backward to the reply and on to the system prompt (2 calls) — these B
+  sub-graphs run concurrently, `editor_concurrency` at a time;
+- update: the B gradients, in batch order, go to one `TextualGradientDescent` step (1 call)
+  → at most 3B+1 calls (TextGrad's own loop spends 4B+1), plus one repair call when the tags are
+  missing. With `edit_questions` each example's question also gets a gradient and an update
+  (2 more calls per example); a rewritten question becomes a training row only after the model,
+  under the current prompt, answers it correctly (see `nslora_augment_examples`).
 
-Sharp edges handled here (see docs): lazy import with logs under the run folder; no global backward
-engine (engines are passed explicitly and a user's global engine is set aside for the round);
-gradients sorted so the optimizer prompt is identical across runs; a missing `<IMPROVED_VARIABLE>`
-tag gets one repair call and otherwise the old prompt stays; every fault is caught and reported
-through `loop.record_fault`, never raised into the trainer.
+TextGrad's sharp edges, handled here: lazy import with its logs under the run folder; no global
+backward engine is read, set or cleared (engines are passed explicitly and the backward pass is
+run here, so a user's `set_backward_engine` stays as it was); gradients in batch order, so the
+optimizer prompt is identical across runs whatever order concurrent calls finish in; the optimizer
+sees the whole prompt (TextGrad shows it only its first and last 10 words); a missing
+`<IMPROVED_VARIABLE>` tag gets one repair call and otherwise the old prompt stays; a candidate
+with chat-template tokens or over `max_prompt_chars` is dropped before it reaches the gate; every
+fault is reported once through `loop.record_fault` and never raised into the trainer.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
 from ..types import EditProposal, ProbeExample, ProbeReport, ProbeResult
-from .constraint_editor import constraint_statement
-from .engine import OpenAICompatibleClient, Usage, make_engine, make_lookup_engine
+from .budget import (TRANSPORT_FAULTS, Budget, EditorBudgetSpent, EditorError, EditorNoTags,
+                     EditorOverlongCandidate, EditorUnsafeCandidate, Usage)
+from .cache import ReplyCache
+from .constraint_editor import constraint_statements
+from .engine import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
 from .textgrad_env import import_textgrad
 
 if TYPE_CHECKING:
     from ..loop import NeurosymbolicLoop
+
+log = logging.getLogger("nslora")
 
 NAME = "textgrad"
 TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
@@ -41,7 +59,7 @@ CRITIQUE_TEMPLATE = (
     "You review one reply of a small assistant model.\n"
     "Question it answered: {question}\n"
     "Reference reply: {reference}\n"
-    "{constraint_line}"
+    "{constraint_lines}"
     "Point out, in at most three short sentences, how the reply differs from the reference in "
     "its final result and in its form. Do not write a new reply."
 )
@@ -53,29 +71,141 @@ REPAIR_TEMPLATE = (
     "Write only the improved text, starting with {start} and ending with {end}."
 )
 
+# Chat-template control tokens of common families; a candidate prompt must contain none of them.
+ROLE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|begin_of_text|>", "[INST]", "[/INST]", "<s>", "</s>",
+                "<start_of_turn>", "<end_of_turn>")
+_GENERIC_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
 
 def parse_tagged(text: str) -> str | None:
     """The text between the improved-variable tags, or None (TextGrad would raise IndexError)."""
-    m = re.search(re.escape(TAGS[0]) + r"(.*?)(?:" + re.escape(TAGS[1]) + r"|$)", text, flags=re.S)
+    m = re.search(re.escape(TAGS[0]) + r"(.*?)(?:" + re.escape(TAGS[1]) + r"|$)", text or "", flags=re.S)
     if not m:
         return None
     value = m.group(1).strip()
     return value or None
 
 
+def control_tokens(text: str, tokenizer: Any = None) -> list[str]:
+    """Chat-template control tokens found in `text` (the tokenizer's special tokens included)."""
+    specials = set(ROLE_MARKERS) | set(getattr(tokenizer, "all_special_tokens", None) or [])
+    found = {m for m in specials if m and m in text}
+    found.update(_GENERIC_MARKER.findall(text))
+    return sorted(found)
+
+
+def show_whole(variable: Any) -> Any:
+    """Make TextGrad show the optimizer the whole variable, not its first and last 10 words."""
+    variable.get_short_value = lambda n_words_offset=10: variable.value
+    return variable
+
+
+def backward(root: Any, engine: Any) -> None:
+    """TextGrad's backward pass with an explicit engine and no global-engine check or use.
+
+    Same topological order and gradient reduction as `Variable.backward`; predecessors are visited
+    in a stable order (by role, then value) instead of set order."""
+    from textgrad import variable as tg_variable
+
+    reduce = getattr(tg_variable, "_check_and_reduce_gradients", lambda v, e: v.gradients)
+    order: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(v: Any) -> None:
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        for p in sorted(v.predecessors, key=lambda p: (str(p.get_role_description()), str(p.value))):
+            visit(p)
+        order.append(v)
+
+    visit(root)
+    root.gradients = set()
+    for v in reversed(order):
+        if v.requires_grad:
+            v.gradients = reduce(v, engine)
+            if v.get_grad_fn() is not None:
+                v.grad_fn(backward_engine=engine)
+
+
+@dataclass
+class _ExampleGrads:
+    example_id: str
+    system_grads: list[tuple[Any, Any]]          # (gradient variable, its context)
+    question: Any = None                         # the question variable (edit_questions)
+    error: EditorError | None = None
+
+
+@dataclass
+class _RoundLog:
+    calls: int = 0
+    tokens: int = 0
+    cached: int = 0
+    failed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class TextGradEditor:
     name = NAME
 
     def __init__(self) -> None:
-        self.client: OpenAICompatibleClient | None = None
+        self.client: EditorClient | None = None
         self.usage = Usage()
+        self.budget: Budget | None = None
+        self.pending_questions: dict[str, dict[str, Any]] = {}
+        self._suspect = False  # the last round ended on a transport fault: health-check first
 
     # ---------------------------------------------------------------- lifecycle
-    def connect(self, config: NSLoRAConfig) -> OpenAICompatibleClient:
+    def connect(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop | None" = None) -> EditorClient:
         if self.client is None:
-            self.client = OpenAICompatibleClient(config, self.usage)
+            self.budget = Budget(config, self.usage)
+            cache = None
+            if config.editor_cache and loop is not None:
+                cache = ReplyCache(loop.artifacts.path("editor_cache"))
+            self.client = make_client(config, self.usage, self.budget, cache)
         return self.client
 
+    def startup_problem(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop") -> str | None:
+        """Health check at the start of a run: None when the editor LLM can be used, else why not."""
+        problem = configuration_problem(config)
+        if problem:
+            return problem
+        try:
+            client = self.connect(config, loop)
+            client.health()
+        except Exception as exc:
+            what = "editor model unavailable" if config.editor_backend == "local" else "editor endpoint unreachable"
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            return f"{what} ({self.client.redact(text) if self.client else text})"
+        self._check_run_budget(config, loop)  # a resumed run may have spent it already
+        return None
+
+    def calls_per_example(self, config: NSLoRAConfig) -> int:
+        return 3 + (2 if config.edit_questions else 0)
+
+    def _check_run_budget(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop",
+                          refused: EditorError | None = None) -> None:
+        """Close the editor for the rest of the run once its run budget cannot pay for a round
+        (or just refused a call)."""
+        if self.budget is None or getattr(loop, "editor_budget_reason", ""):
+            return
+        if isinstance(refused, EditorBudgetSpent) and refused.scope == "run":
+            reason = str(refused)
+        else:
+            reason = self.budget.run_spent(self.calls_per_example(config) + 1)
+        if reason is None:
+            return
+        self.usage.budget_spent = reason
+        loop.editor_budget_reason = reason
+        loop.llm_editor_ready = False
+        loop.editor_unavailable_reason = f"editor budget spent: {reason}"
+        loop.record_fault("budget", EditorBudgetSpent(
+            f"the editor budget of this run is spent ({reason}); the router stays numerical from "
+            "now on", "run"))
+
+    # ---------------------------------------------------------------- the hook
     @hookimpl(tryfirst=True)
     def nslora_propose_edit(self, prompt: str, failures: Sequence[ProbeResult],
                             examples: dict[str, ProbeExample], report: ProbeReport,
@@ -83,72 +213,256 @@ class TextGradEditor:
                             loop: "NeurosymbolicLoop") -> EditProposal | None:
         if NAME in tried or not failures or not loop.llm_editor_ready:
             return None
+        self.pending_questions = {}
+        client = self.connect(config, loop)
+        assert self.budget is not None
+        tg = import_textgrad(loop.artifacts.path("editor_logs"))  # before the clock starts
+        before = (self.usage.calls, self.usage.tokens_used(), self.usage.cached_calls,
+                  self.usage.failed_calls)
+        self.budget.start_round()
+        proposal: EditProposal | None = None
+        fault: EditorError | None = None
         try:
-            return self._round(prompt, failures, examples, config, loop)
-        except Exception as exc:  # an editor fault must never reach the trainer
+            proposal = self._round(tg, prompt, failures, examples, config, loop, client)
+        except EditorError as exc:  # an editor fault must never reach the trainer
+            fault = exc
+            self._suspect = isinstance(exc, TRANSPORT_FAULTS)
             loop.record_fault(NAME, exc)
-            return None
+        except Exception as exc:  # not an LLM fault (TextGrad, a plugin): reported the same way
+            text = " ".join(f"unexpected {type(exc).__name__} in the editor round: {exc}".split())
+            loop.record_fault(NAME, EditorError(client.redact(text)[:300]))
+        finally:
+            seconds = self.budget.end_round()
+            spent = {"calls": self.usage.calls - before[0],
+                     "tokens": self.usage.tokens_used() - before[1],
+                     "cached": self.usage.cached_calls - before[2],
+                     "failed": self.usage.failed_calls - before[3], "seconds": round(seconds, 3),
+                     "step": loop.last_check_step}
+            self.usage.last_round = spent
+            log.info("NSLoRA editor round at step %s: %d calls (%d cached, %d failed), %d tokens, "
+                     "%.1f s; run: %d calls, %d tokens, %.1f s", spent["step"], spent["calls"],
+                     spent["cached"], spent["failed"], spent["tokens"], seconds, self.usage.calls,
+                     self.usage.tokens_used(), self.usage.wall_seconds)
+            self._check_run_budget(config, loop, fault)
+        if proposal is not None:
+            proposal.meta["usage"] = spent
+        return proposal
 
     # ---------------------------------------------------------------- one round
-    def _round(self, prompt: str, failures: Sequence[ProbeResult],
-               examples: dict[str, ProbeExample], config: NSLoRAConfig,
-               loop: "NeurosymbolicLoop") -> EditProposal | None:
-        tg = import_textgrad(loop.artifacts.path("editor_logs"))
-        from textgrad.config import SingletonBackwardEngine
-
-        client = self.connect(config)
-        editor_engine = make_engine(client)
-        batch = sorted(failures, key=lambda r: r.example_id)[:config.editor_batch_size]
+    def _round(self, tg: Any, prompt: str, failures: Sequence[ProbeResult],
+               examples: dict[str, ProbeExample], config: NSLoRAConfig, loop: "NeurosymbolicLoop",
+               client: EditorClient) -> EditProposal | None:
+        assert self.budget is not None
+        if self._suspect:  # the endpoint failed last round: a cheap check before spending calls
+            client.health()
+            self._suspect = False
+        per_example = self.calls_per_example(config)
+        size = self.budget.plan_batch(config.editor_batch_size, per_example, extra_calls=1)
+        if size < 1:
+            raise EditorBudgetSpent(f"the calls left this round cannot pay for one example "
+                                    f"({per_example} calls + 1 update)", "round")
+        batch = sorted(failures, key=lambda r: r.example_id)[:size]
         answers = {(prompt, examples[r.example_id].question): r.completion for r in batch}
         student = make_lookup_engine(answers, loop.generate_one)
-        calls_before = self.usage.calls
+        statements = list(constraint_statements(config).values())
+        constraint_lines = "".join(f"Required form of every reply: {s}\n" for s in statements)
+        workers = 1 if client.sequential else max(1, min(config.editor_concurrency, len(batch)))
 
-        singleton = SingletonBackwardEngine()
-        saved_global, singleton.engine = singleton.engine, None
-        try:
-            system = tg.Variable(prompt, requires_grad=True, role_description=ROLE_SYSTEM_PROMPT)
-            forward = tg.autograd.LLMCall(student, system_prompt=system)
-            statement = constraint_statement(config)
-            constraint_line = f"Required form of every reply: {statement}\n" if statement else ""
-            losses = []
-            for r in batch:
-                ex = examples[r.example_id]
-                question = tg.Variable(ex.question, requires_grad=False, role_description=ROLE_QUESTION)
-                reply = forward(question, response_role_description=ROLE_REPLY)
-                critique = CRITIQUE_TEMPLATE.format(question=ex.question, reference=ex.reference,
-                                                    constraint_line=constraint_line)
-                losses.append(tg.TextLoss(critique, engine=editor_engine)(reply))
-            total = tg.sum(losses) if len(losses) > 1 else losses[0]
-            total.backward(engine=editor_engine)
-            # TextGrad keeps gradients in a set ordered by object id: sort for a stable prompt.
-            system.gradients = sorted(system.gradients, key=lambda g: g.value)  # type: ignore[assignment]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nslora-editor") as pool:
+            futures = [pool.submit(self._example, tg, client, student, prompt, examples[r.example_id],
+                                   config, constraint_lines) for r in batch]
+            results = [f.result() for f in futures]  # batch order, whatever finished first
+            done = [r for r in results if r.error is None]
+            errors = [r.error for r in results if r.error is not None]
+            budget_error = next((e for e in errors if isinstance(e, EditorBudgetSpent)), None)
+            if budget_error is not None or not done:
+                raise budget_error or errors[0]  # type: ignore[misc]
+            if errors:  # a partial batch still makes a step; the fault is on record
+                loop.record_fault(NAME, errors[0])
+
+            system = show_whole(tg.Variable(prompt, requires_grad=True,
+                                            role_description=ROLE_SYSTEM_PROMPT))
+            system.gradients = [g for r in done for g, _ in r.system_grads]
+            system.gradients_context = defaultdict(lambda: None, {g: c for r in done for g, c in r.system_grads})
             constraints = [f"The text must stay under {config.max_prompt_chars} characters.",
                            "The text must be a system prompt addressed to the assistant, not an "
-                           "answer to any particular question."]
-            if statement:
-                constraints.append(f"The text must tell the assistant: {statement}")
-            optimizer = tg.TGD(parameters=[system], engine=editor_engine, constraints=constraints)
-            candidate, repaired = self._step(optimizer, system, prompt, editor_engine)
-        finally:
-            singleton.engine = saved_global
-        calls = self.usage.calls - calls_before
-        if candidate is None:
-            loop.record_fault(NAME, "editor reply had no <IMPROVED_VARIABLE> tags, even after a repair "
-                              "request; keeping the current prompt")
-            return None
-        return EditProposal(editor=NAME, prompt=candidate,
-                            rationale=f"TextGrad step on {len(batch)} failing probe examples",
-                            meta={"calls": calls, "repaired": repaired,
-                                  "batch": [r.example_id for r in batch]})
+                           "answer to any particular question.",
+                           "The text must not contain chat-template tokens such as <|im_start|>."]
+            constraints += [f"The text must tell the assistant: {s}" for s in statements]
+            question_futures = []
+            if config.edit_questions:
+                question_futures = [(r, pool.submit(self._question_step, tg, client, r, examples))
+                                    for r in done if r.question is not None]
+            candidate, repaired, sent = self._step(tg, client, system, prompt, constraints)
+            question_meta = self._collect_questions(question_futures, examples, loop)
 
-    def _step(self, optimizer: Any, system: Any, old: str, engine: Any) -> tuple[str | None, bool]:
+        problem = candidate_problem(candidate, config, loop.tokenizer)
+        if problem is not None:
+            for request in sent:  # do not replay the unusable replies from the cache
+                client.forget(*request)
+            raise problem
+        meta: dict[str, Any] = {"repaired": repaired, "batch": [r.example_id for r in done]}
+        if errors:
+            meta["failed_examples"] = len(errors)
+        if question_meta:
+            meta["question_edits"] = question_meta
+        return EditProposal(editor=NAME, prompt=candidate,
+                            rationale=f"TextGrad step on {len(done)} failing probe examples", meta=meta)
+
+    def _example(self, tg: Any, client: EditorClient, student: Any, prompt: str, ex: ProbeExample,
+                 config: NSLoRAConfig, constraint_lines: str) -> _ExampleGrads:
+        """Loss and backward for one example on its own sub-graph (safe to run in a thread)."""
+        try:
+            engine = make_engine(client)
+            system = show_whole(tg.Variable(prompt, requires_grad=True, role_description=ROLE_SYSTEM_PROMPT))
+            question = tg.Variable(ex.question, requires_grad=config.edit_questions,
+                                   role_description=ROLE_QUESTION)
+            reply = tg.autograd.LLMCall(student, system_prompt=system)(
+                question, response_role_description=ROLE_REPLY)
+            critique = CRITIQUE_TEMPLATE.format(question=ex.question, reference=ex.reference,
+                                                constraint_lines=constraint_lines)
+            loss = tg.TextLoss(critique, engine=engine)(reply)
+            backward(loss, engine)
+            grads = [(g, system.gradients_context[g]) for g in
+                     sorted(system.gradients, key=lambda g: str(g.value))]
+            return _ExampleGrads(ex.id, grads, question if config.edit_questions else None)
+        except EditorError as exc:
+            return _ExampleGrads(ex.id, [], error=exc)
+
+    def _step(self, tg: Any, client: EditorClient, variable: Any, old: str,
+              constraints: list[str]) -> tuple[str | None, bool, list[tuple[str, str | None]]]:
+        """One TGD update of `variable`; a missing tag gets one repair request. Returns the new
+        text (None if both replies are unusable), whether it was repaired, and the requests sent."""
+        engine = make_engine(client)  # its own engine: last_response is this step's reply
+        optimizer = tg.TGD(parameters=[variable], engine=engine, constraints=constraints)
         try:
             optimizer.step()
-            return system.value.strip() or None, False
+            value = str(variable.value).strip()
+            if value:
+                return value, False, engine.sent
         except IndexError:
-            reply = engine.last_response or ""
+            pass
+        reply = engine.last_response or ""
         salvaged = parse_tagged(reply)  # an opening tag without the closing one
         if salvaged:
-            return salvaged, True
+            return salvaged, True, engine.sent
         repair = REPAIR_TEMPLATE.format(start=TAGS[0], end=TAGS[1], old=old, reply=reply[:2000])
-        return parse_tagged(engine(repair)), True
+        return parse_tagged(engine(repair)), True, engine.sent
+
+    # ---------------------------------------------------------------- question edits
+    def _question_step(self, tg: Any, client: EditorClient, grads: _ExampleGrads,
+                       examples: dict[str, ProbeExample]) -> str | None:
+        original = examples[grads.example_id].question
+        q = show_whole(grads.question)
+        constraints = ["Keep every number, name and quantity of the original question.",
+                       "The text must still ask for exactly the same result.",
+                       f"The text must stay under {max(3 * len(original), 400)} characters."]
+        value, _, sent = self._step(tg, client, q, original, constraints)
+        if question_problem(original, value, None) is not None:
+            for request in sent:
+                client.forget(*request)
+        return value
+
+    def _collect_questions(self, futures: list[tuple[_ExampleGrads, Any]],
+                           examples: dict[str, ProbeExample], loop: "NeurosymbolicLoop") -> dict[str, str]:
+        """Keep the rewrites that pass the cheap symbolic checks; the model check comes later."""
+        verdicts: dict[str, str] = {}
+        for grads, fut in futures:
+            original = examples[grads.example_id].question
+            try:
+                new = fut.result()
+            except EditorError as exc:
+                loop.record_fault(f"{NAME}.question", exc)
+                verdicts[grads.example_id] = f"no rewrite ({type(exc).__name__})"
+                continue
+            problem = question_problem(original, new, loop.tokenizer)
+            if problem:
+                verdicts[grads.example_id] = f"rejected: {problem}"
+                continue
+            self.pending_questions[grads.example_id] = {"question": new, "original": original,
+                                                        "step": loop.last_check_step}
+            verdicts[grads.example_id] = "pending the model check"
+        return verdicts
+
+    @hookimpl
+    def nslora_augment_examples(self, prompt: str, report: ProbeReport, before: ProbeReport,
+                                examples: dict[str, ProbeExample], config: NSLoRAConfig,
+                                loop: "NeurosymbolicLoop") -> list[dict[str, Any]] | None:
+        """Rewritten questions enter the training data only if, under the prompt now in force,
+        the model's reply to the rewrite still earns correctness 1."""
+        if not config.edit_questions or not self.pending_questions:
+            return None
+        pending, self.pending_questions = self.pending_questions, {}
+        return verify_question_edits(pending, prompt, report.prompt_version, examples, config, loop)
+
+
+def candidate_problem(candidate: str | None, config: NSLoRAConfig, tokenizer: Any = None) -> EditorError | None:
+    """Why a proposed system prompt cannot go to the gate (as the fault to report), or None."""
+    if candidate is None:
+        return EditorNoTags("editor reply had no <IMPROVED_VARIABLE> tags, even after a repair "
+                            "request; keeping the current prompt")
+    found = control_tokens(candidate, tokenizer)
+    if found:
+        return EditorUnsafeCandidate(f"editor proposed a prompt with chat-template tokens "
+                                     f"({', '.join(found[:3])}); dropped, keeping the current prompt")
+    if len(candidate) > config.max_prompt_chars:
+        return EditorOverlongCandidate(f"editor proposed a prompt of {len(candidate)} characters "
+                                       f"(max_prompt_chars={config.max_prompt_chars}); dropped, "
+                                       "keeping the current prompt")
+    return None
+
+
+def question_problem(original: str, new: str | None, tokenizer: Any = None) -> str | None:
+    """Why a rewritten question cannot be used, or None."""
+    if not new or not new.strip():
+        return "empty rewrite"
+    if new.strip() == original.strip():
+        return "identical to the original"
+    found = control_tokens(new, tokenizer)
+    if found:
+        return f"chat-template tokens ({', '.join(found[:3])})"
+    if len(new) > max(3 * len(original), 400):
+        return f"too long ({len(new)} characters)"
+    missing = sorted(set(_NUMBER.findall(original)) - set(_NUMBER.findall(new)))
+    if missing:
+        return f"drops numbers of the original ({', '.join(missing[:5])})"
+    return None
+
+
+def verify_question_edits(pending: dict[str, dict[str, Any]], prompt: str, prompt_version: int,
+                          examples: dict[str, ProbeExample], config: NSLoRAConfig,
+                          loop: "NeurosymbolicLoop") -> list[dict[str, Any]]:
+    from ..rewards import format_compliant
+
+    rows: list[dict[str, Any]] = []
+    verdicts: dict[str, str] = {}
+    for example_id in sorted(pending):
+        item = pending[example_id]
+        ex = examples.get(example_id)
+        if ex is None or ex.answer is None:
+            verdicts[example_id] = "rejected: no reference answer to check against"
+            continue
+        rewritten = ProbeExample(id=ex.id, question=item["question"], reference=ex.reference,
+                                 answer=ex.answer)
+        reply = loop.generate_one(prompt, rewritten.question)
+        result = loop.evaluator.score(rewritten, reply, 0.0)
+        if result.rewards.get("correctness", 0.0) < 1.0:
+            verdicts[example_id] = "rejected: the model's reply to it misses the reference answer"
+            continue
+        targets = []
+        if not config.answer_format or format_compliant(ex.reference, config.answer_format):
+            targets.append(("question_edit", ex.reference))
+        if result.passed:
+            targets.append(("question_edit_self", reply))
+        for source, target in targets:
+            rows.append({"messages": [{"role": "user", "content": rewritten.question},
+                                      {"role": "assistant", "content": target}],
+                         "source": source, "example_id": ex.id, "original_question": ex.question,
+                         "prompt_version": prompt_version})
+        verdicts[example_id] = "accepted" if targets else "rejected: no reply that meets the constraints"
+    accepted = sum(v == "accepted" for v in verdicts.values())
+    log.info("NSLoRA question edits: %d/%d rewritten questions verified under the current prompt "
+             "and added to the training data", accepted, len(verdicts))
+    loop.record("question_edits", loop.last_check_step if loop.last_check_step >= 0 else 0,
+                {"verdicts": verdicts, "rows": len(rows), "prompt_version": prompt_version})
+    return rows

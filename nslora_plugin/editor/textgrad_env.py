@@ -28,6 +28,9 @@ def import_textgrad(log_dir: str | Path | None = None) -> Any:
         os.environ["TEXTGRAD_LOG_DIR"] = tempfile.mkdtemp(prefix="nslora-textgrad-logs-")
     import textgrad
 
+    # TextGrad logs every prompt and reply at INFO; keep them in its file under the run folder
+    # instead of letting them reach the user's console through the root logger.
+    logging.getLogger("textgrad").propagate = False
     if log_dir is not None and log_dir != _log_dir:
         _retarget_file_handlers(textgrad, log_dir)
         _log_dir = log_dir
