@@ -64,3 +64,32 @@ def editor_server(
     log_path = tmp_path_factory.mktemp("editor-server") / "server.log"
     with EditorServer(default_model_dir, log_path=log_path) as server:
         yield server
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared test inputs: the real SmolLM2 tokenizer, and the fault-injecting editor server
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir: Path):
+    """The real SmolLM2 tokenizer (chat template included), shared by the tiny-model tests."""
+    from tiny import load_tokenizer
+
+    return load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def module_server():
+    """One fault-injecting OpenAI-compatible server on loopback per test module."""
+    from fault_server import FaultServer
+
+    with FaultServer() as srv:
+        yield srv
+
+
+@pytest.fixture()
+def server(module_server):
+    """The module's fault server, reset to healthy behaviour for each test."""
+    module_server.reset()
+    return module_server

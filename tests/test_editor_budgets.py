@@ -17,30 +17,12 @@ from nslora_plugin import NSLoRAConfig, NSLoRAConfigError
 from nslora_plugin.data import make_word_problems
 from nslora_plugin.editor.budget import Budget, EditorBudgetSpent, Usage
 
-from fault_server import FaultServer, editor_config, round_loop
-from tiny import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
+from fault_server import editor_config, round_loop
 
 
 @pytest.fixture(scope="module")
 def rows():
     return make_word_problems(8, seed=9)
-
-
-@pytest.fixture(scope="module")
-def module_server():
-    with FaultServer() as srv:
-        yield srv
-
-
-@pytest.fixture()
-def server(module_server):
-    module_server.reset()
-    return module_server
 
 
 def decisions(folder):

@@ -18,14 +18,9 @@ from nslora_plugin.data import make_word_problems
 from nslora_plugin.integrations.trl import attach
 
 from fault_server import FaultSchedule, FaultServer, editor_config
-from tiny import load_tokenizer, sft_trainer
+from tiny import sft_trainer
 
 V1 = "You are a careful assistant. End every reply with a final line 'Answer: <number>'."
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
 
 
 @pytest.fixture(scope="module")

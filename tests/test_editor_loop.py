@@ -3,7 +3,6 @@ loopback (the 135M model as editor LLM), an endpoint that is down, and the gate'
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -12,13 +11,9 @@ from nslora_plugin.data import make_word_problems
 from nslora_plugin.editor.textgrad_editor import parse_tagged
 from nslora_plugin.integrations.trl import attach
 from nslora_plugin.serve import free_port
+from nslora_plugin.types import ProbeReport, ProbeResult
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +94,7 @@ def test_on_editor_down_fail_raises_clearly(tmp_path, tokenizer, rows):
         trainer.train()
 
 
-def _report(rewards: list[float], nll: float) -> "ProbeReport":
-    from nslora_plugin.types import ProbeReport, ProbeResult
-
+def _report(rewards: list[float], nll: float) -> ProbeReport:
     return ProbeReport(step=0, prompt_version=0, results=[
         ProbeResult(example_id=str(i), completion="", rewards={"correctness": r}, reward=r, ref_nll=nll)
         for i, r in enumerate(rewards)])

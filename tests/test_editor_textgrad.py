@@ -23,32 +23,15 @@ from nslora_plugin.editor.textgrad_editor import TAGS, control_tokens, question_
 from nslora_plugin.rewards import BuiltinRewards
 from nslora_plugin.types import ProbeExample, ProbeResult
 
-from fault_server import FaultServer, editor_config, round_loop
-from tiny import FORMAT_INSTRUCTION, SYSTEM, load_tokenizer
+from fault_server import editor_config, round_loop
+from tiny import FORMAT_INSTRUCTION, SYSTEM
 
 KEY_ENV = "NSLORA_TEST_EDITOR_KEY"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
-
-
-@pytest.fixture(scope="module")
 def rows():
     return make_word_problems(8, seed=7)
-
-
-@pytest.fixture(scope="module")
-def module_server():
-    with FaultServer() as srv:
-        yield srv
-
-
-@pytest.fixture()
-def server(module_server):
-    module_server.reset()
-    return module_server
 
 
 def edits(loop):

@@ -15,14 +15,9 @@ from nslora_plugin.inference import (generate, load_for_inference, set_default_s
                                      wrap_chat_template)
 from nslora_plugin.integrations.trl import attach, save_artifacts
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer, tiny_model
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, tiny_model
 
 USER = [{"role": "user", "content": "What is 6 * 7?"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
 
 
 @pytest.fixture(scope="module")

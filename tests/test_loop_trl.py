@@ -16,12 +16,7 @@ from nslora_plugin.data import make_word_problems
 from nslora_plugin.integrations.trl import attach, save_artifacts
 
 from tiny import (ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, capture_training_batches,
-                  load_tokenizer, sft_trainer)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
+                  sft_trainer)
 
 
 @pytest.fixture(scope="module")

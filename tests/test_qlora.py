@@ -23,7 +23,7 @@ from nslora_plugin.data import chat_rows, make_word_problems
 from nslora_plugin.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
                                   resolve_model, settings_from_trl_config)
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, tiny_model
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "trl" / "sft.py"
@@ -34,11 +34,6 @@ def linear4bit_count(model) -> int:
     import bitsandbytes as bnb
 
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
 
 
 def test_trl_quantization_config_for_load_in_4bit():

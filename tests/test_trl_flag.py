@@ -26,7 +26,7 @@ from nslora_plugin.data import chat_rows, make_word_problems
 from nslora_plugin.integrations.trl import NSLoRAArguments, maybe_attach
 from nslora_plugin.integrations.trl import cli as trl_cli
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer, tiny_model
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "trl" / "sft.py"
@@ -52,11 +52,6 @@ def nslora_flags(probe: Path) -> list[str]:
             "--nslora_format_instruction", FORMAT_INSTRUCTION, "--nslora_nll_threshold", "100",
             "--nslora_gate_tie_break", "accept", "--nslora_max_symbolic_rounds", "1",
             "--nslora_monitor_window", "2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return load_tokenizer(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from nslora_plugin.artifacts import ARTIFACT_DIR
 from nslora_plugin.config import NSLoRAConfig
 
 from .args import NSLoRAArguments, maybe_attach
