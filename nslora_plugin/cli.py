@@ -1,10 +1,12 @@
-"""The `nslora` command: `nslora demo`, `nslora show RUN_DIR`, `nslora version`."""
+"""The `nslora` command: `nslora demo`, `nslora show RUN_DIR`, `nslora generate RUN_DIR "question"`,
+`nslora doctor --model ...`, `nslora version`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("path", help="run output folder, checkpoint or adapter folder")
     show.add_argument("--decisions", action="store_true", help="print every decision line")
     sub.add_parser("version", help="print the version")
+    _add_generate_and_doctor(sub)
+    from .compare import build_parser as build_compare_parser
+
+    build_compare_parser(sub.add_parser(
+        "compare", help="numerical-only vs symbolic-only vs neurosymbolic on one task, same budgets",
+        description="Run three arms (LoRA only, prompt edits only, the loop) and print a table."))
     args = parser.parse_args(argv)
+
+    if args.command == "compare":
+        from .compare import run_compare
+
+        run_compare(args)
+        return 0
 
     if args.command == "demo":
         from .demo import run_demo
@@ -45,12 +59,59 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: arts.summary[k] for k in ("probe_before", "probe_after", "decisions")
                               if k in arts.summary}, indent=2))
         return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(args)
     if args.command == "version":
         from . import __version__
 
         print(__version__)
         return 0
     return 2
+
+
+def _add_generate_and_doctor(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="answer a question with a trained adapter and its optimized prompt",
+                         description="Load a run folder, checkpoint or saved adapter with its NSLoRA "
+                                     "system prompt and print the model's answer.")
+    gen.add_argument("path", help="run output folder, checkpoint-N or adapter folder (with nslora/)")
+    gen.add_argument("question", help="the user message")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--base-model", default=None, help="base model (default: from adapter_config.json)")
+    gen.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4, as in QLoRA training")
+    gen.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    gen.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
+    gen.add_argument("--system-prompt", default=None, help="use this system prompt instead of the optimized one")
+    gen.add_argument("--show-prompt", action="store_true", help="print the rendered chat prompt (to stderr)")
+    from .doctor import build_parser as build_doctor_parser
+
+    build_doctor_parser(sub.add_parser("doctor", help="estimate GPU memory of a LoRA/QLoRA + NSLoRA run"))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .inference import generate, load_for_inference
+
+    try:
+        model, tokenizer = load_for_inference(args.path, base_model=args.base_model, dtype=args.dtype,
+                                              device_map=args.device_map, load_in_4bit=args.load_in_4bit)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"nslora: {exc}", file=sys.stderr)
+        return 2
+    if args.show_prompt:
+        messages = [{"role": "user", "content": args.question}]
+        if args.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": args.system_prompt})
+        print(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              file=sys.stderr)
+    print(generate(model, tokenizer, args.question, system_prompt=args.system_prompt,
+                   max_new_tokens=args.max_new_tokens))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,551 @@
+"""`nslora compare`: numerical-only vs symbolic-only vs neurosymbolic, same budgets, one table.
+
+Three arms on the same model, data, probe set and held-out set:
+
+- **numerical**: TRL `SFTTrainer` + LoRA for `--max-steps`, NSLoRA attached with a router that
+  always answers "numerical" (so it probes at the same checks and logs the classifier's labels,
+  but never edits the prompt);
+- **symbolic**: no weight update at all — no trainer runs. The loop is driven directly: the same
+  checks at steps `check_every, 2*check_every, ... <= max_steps`, and at each check a symbolic
+  round (the editor proposes, the validation gate decides) while failures remain and the editor
+  budget (`max_symbolic_rounds`) lasts. "Step" is only the check's label here;
+- **neurosymbolic**: the loop as configured (the router decides at each check).
+
+Numerical and neurosymbolic share the step budget; symbolic and neurosymbolic share the editor
+budget. Each arm starts from a fresh copy of the base model. After each arm the held-out rows are
+scored under that arm's final prompt (greedy, same generation settings as the probe).
+
+Measures (per arm): held-out accuracy — the reply is right under the task's rule (correct answer
+in the required `Final:` line); fact accuracy — the right answer appears anywhere in the reply;
+format compliance; the probe reward at the end; edits proposed / accepted; editor LLM calls and
+tokens; wall time. Router accuracy (every arm that logs route decisions; the table shows the
+neurosymbolic one): at each check, for every failing probe example, the classifier's label in
+`decisions.jsonl` is compared with the task's ground truth (`tasks.failure_kind` on the same
+completion, recorded by a decision listener at the moment of the check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import NSLoRAConfig
+from .hookspecs import hookimpl
+from .tasks import Task, load_task
+from .types import ProbeReport, RouteDecision
+
+ARMS = ("numerical", "symbolic", "neurosymbolic")
+ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
+
+
+# ------------------------------------------------------------------ CLI
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="nslora compare", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="synthetic",
+                   help="'synthetic' (fictional facts + a Final: line), 'gsm8k', or a JSONL file "
+                        "with question/answer rows (default: synthetic)")
+    p.add_argument("--model", default=None,
+                   help="local model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--output-dir", default="nslora-compare", help="run folder (default: ./nslora-compare)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    p.add_argument("--max-steps", type=int, default=60, help="optimizer steps (numerical, neurosymbolic)")
+    p.add_argument("--check-every", type=int, default=None, help="default: max_steps // 4")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--editor", choices=("constraint", "textgrad"), default="constraint",
+                   help="constraint: the deterministic editor (fast, no LLM); textgrad: an editor LLM "
+                        "(--editor-base-url, else `transformers serve` on the model is started)")
+    p.add_argument("--editor-base-url", default=None)
+    p.add_argument("--editor-model", default=None)
+    p.add_argument("--max-symbolic-rounds", type=int, default=2, help="editor budget per arm")
+    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--held-out-size", type=int, default=None,
+                   help="held-out rows (default: every fact for synthetic, 64 for JSONL)")
+    p.add_argument("--train-size", type=int, default=None, help="training rows for JSONL tasks (default 256)")
+    p.add_argument("--entities", type=int, default=12, help="fictional countries (synthetic task)")
+    p.add_argument("--train-paraphrases", type=int, default=2, help="question templates in training (synthetic)")
+    p.add_argument("--gsm8k-path", default=None, help="GSM8K JSONL for --task gsm8k")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="generation length for probe and held-out")
+    p.add_argument("--config", default=None, help="YAML with NSLoRA settings (override the defaults here)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one NSLoRA config value, e.g. --set nll_threshold=3 (repeatable)")
+    p.add_argument("--json", default=None, help="where to write the results (default: <output-dir>/compare.json)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the held-out score of the untouched model")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ------------------------------------------------------------------ plugins used by the arms
+class GroundTruthRecorder:
+    """Decision listener: at each routing decision, the task's ground-truth kind of every failing
+    probe example, from the very completions the router just saw."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.rows: list[dict[str, Any]] = []
+
+    @hookimpl
+    def nslora_on_decision(self, record: Any, loop: Any) -> None:
+        if record.kind != "route" or not loop.reports:
+            return
+        report: ProbeReport = loop.reports[-1]
+        for r in report.failures:
+            example = loop.examples[r.example_id]
+            self.rows.append({"step": record.step, "example_id": r.example_id,
+                              "kind": self.task.failure_kind(example.answer, r.completion),
+                              "rewards": r.rewards, "ref_nll": round(r.ref_nll, 4),
+                              "completion": r.completion})
+
+
+class NumericalOnlyRoute:
+    """The numerical-only arm's router: keep training LoRA at every check (the classifier still
+    labels each failure; its labels are logged). Equivalent to `editor="none"`, which the config
+    cannot take as a string today (it is read as None)."""
+
+    @hookimpl(tryfirst=True)
+    def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
+                     config: NSLoRAConfig, loop: Any) -> RouteDecision:
+        return RouteDecision(step=signal.step, action="numerical",
+                             reason="numerical-only arm: LoRA updates only",
+                             scores={"failures": float(len(labels))}, labels=list(labels),
+                             signal=signal, probe=report.summary())
+
+
+class SymbolicOnlyRoute:
+    """The symbolic-only arm's router: a symbolic round at every check while something fails and
+    the editor budget lasts (the classifier still labels each failure; its labels are logged)."""
+
+    @hookimpl(tryfirst=True)
+    def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
+                     config: NSLoRAConfig, loop: Any) -> RouteDecision:
+        rounds = loop.router_state.get("symbolic_rounds", 0)
+        scores = {"failures": float(len(labels)), "symbolic_rounds": float(rounds)}
+
+        def decide(action: str, reason: str) -> RouteDecision:
+            return RouteDecision(step=signal.step, action=action, reason=reason,  # type: ignore[arg-type]
+                                 scores=scores, labels=list(labels), signal=signal,
+                                 probe=report.summary())
+
+        if not labels:
+            return decide("numerical", "symbolic-only arm: nothing fails; no update")
+        if rounds >= config.max_symbolic_rounds:
+            return decide("numerical", "symbolic-only arm: editor budget spent; no update "
+                          "(weights are frozen in this arm)")
+        if not loop.editing_available:
+            return decide("numerical", f"symbolic-only arm: no editor ({loop.editor_unavailable_reason})")
+        return decide("symbolic", "symbolic-only arm: a symbolic round at every check")
+
+
+# ------------------------------------------------------------------ scoring
+def held_out_metrics(report: ProbeReport, task: Task, examples: dict[str, Any]) -> dict[str, Any]:
+    from .tasks import fact_present
+
+    n = len(report.results)
+    passed = sum(r.passed for r in report.results)
+    facts = sum(fact_present(examples[r.example_id].answer or "", r.completion, task.fact_match)
+                for r in report.results)
+    kinds = {"factual": 0, "style": 0}
+    for r in report.failures:
+        kind = task.failure_kind(examples[r.example_id].answer, r.completion)
+        if kind:
+            kinds[kind] += 1
+    out = {"n": n, "accuracy": round(passed / n, 4) if n else 0.0,
+            "fact_accuracy": round(facts / n, 4) if n else 0.0,
+            "format_compliance": round(report.mean("format"), 4),
+            "correctness_reward": round(report.mean("correctness"), 4),
+            "reward": round(report.mean_reward, 4), "ref_nll": round(report.mean_nll, 4),
+            "failure_kinds": kinds}
+    out.update(probe_overlap(report, task, examples))
+    return out
+
+
+def probe_overlap(report: ProbeReport, task: Task, examples: dict[str, Any]) -> dict[str, Any]:
+    """Held-out accuracy split by whether the fact is also asked in the probe set. Prompts as data
+    turns probe references into training rows (in the probe's paraphrase), so a fact in the probe
+    is seen in one more wording by the arms that accept an edit; the split shows how much of a gain
+    comes from that. Empty for tasks without shared facts (JSONL tasks are disjoint)."""
+    def key(row: dict[str, Any]) -> Any:
+        return (row["entity"], row["attribute"]) if "entity" in row and "attribute" in row else None
+
+    probe_facts = {key(r) for r in task.probe} - {None}
+    if not probe_facts:
+        return {}
+    in_probe = {r["id"] for r in task.held_out if key(r) in probe_facts}
+    split: dict[str, Any] = {}
+    for name, pick in (("probe_facts", True), ("other_facts", False)):
+        from .tasks import fact_present
+
+        rows = [r for r in report.results if (r.example_id in in_probe) == pick]
+        facts = sum(fact_present(examples[r.example_id].answer or "", r.completion, task.fact_match)
+                    for r in rows)
+        split[f"n_{name}"] = len(rows)
+        split[f"accuracy_{name}"] = round(sum(r.passed for r in rows) / len(rows), 4) if rows else None
+        split[f"fact_accuracy_{name}"] = round(facts / len(rows), 4) if rows else None
+    return split
+
+
+def router_accuracy(decisions: Sequence[dict[str, Any]], truth: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per failing probe example at each check: classifier label vs ground truth (`label_accuracy`,
+    the headline), and the check's action vs ground truth (`action_accuracy`)."""
+    known = {(t["step"], t["example_id"]): t["kind"] for t in truth if t.get("kind")}
+    confusion: dict[str, dict[str, int]] = {k: {"factual": 0, "style": 0} for k in ("factual", "style")}
+    n = label_ok = action_ok = 0
+    per_check = []
+    for d in decisions:
+        if d.get("kind") != "route":
+            continue
+        c_n = c_ok = 0
+        truth_counts = {"factual": 0, "style": 0}
+        for lab in d.get("labels", []):
+            kind = known.get((d["step"], lab["example_id"]))
+            if kind is None:
+                continue
+            n += 1
+            c_n += 1
+            truth_counts[kind] += 1
+            confusion[kind][lab["label"]] += 1
+            label_ok += lab["label"] == kind
+            c_ok += lab["label"] == kind
+            action_ok += ACTION_KIND.get(d["action"]) == kind
+        per_check.append({"step": d["step"], "action": d["action"], "failures": c_n,
+                          "truth": truth_counts, "label_accuracy": round(c_ok / c_n, 4) if c_n else None})
+    return {"failures": n, "label_accuracy": round(label_ok / n, 4) if n else None,
+            "action_accuracy": round(action_ok / n, 4) if n else None,
+            "confusion_truth_by_label": confusion, "per_check": per_check}
+
+
+# ------------------------------------------------------------------ one comparison
+def build_config(args: argparse.Namespace, task: Task, output_dir: Path) -> NSLoRAConfig:
+    check_every = args.check_every or max(args.max_steps // 4, 1)
+    settings: dict[str, Any] = dict(
+        task.config_overrides(), check_every=check_every, monitor_window=max(check_every // 2, 2),
+        probe_size=len(task.probe), probe_max_new_tokens=args.max_new_tokens, probe_batch_size=16,
+        editor=args.editor, editor_base_url=args.editor_base_url, editor_model=args.editor_model,
+        editor_batch_size=1, editor_max_tokens=200, editor_timeout=90.0,
+        max_symbolic_rounds=args.max_symbolic_rounds, seed=args.seed,
+        output_dir=str(output_dir / "nslora"))
+    if args.config:
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        if isinstance(data.get("nslora"), dict):
+            data = data["nslora"]
+        settings.update(data)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return NSLoRAConfig.from_dict(settings)
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs and CI: room for the whole table
+    t_start = time.time()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # unwind like Ctrl-C (stops a server)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise SystemExit(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .models import ensure_default_model
+
+    console.rule("[bold]nslora compare")
+    model_path = Path(args.model) if args.model else ensure_default_model(
+        log=lambda m: console.print(m, markup=False))
+    task = load_task(args.task, seed=args.seed, probe_size=args.probe_size,
+                     held_out_size=args.held_out_size, n_train=args.train_size,
+                     n_entities=args.entities, train_paraphrases=args.train_paraphrases,
+                     gsm8k_path=args.gsm8k_path)
+    console.print(f"model: {model_path}")
+    console.print(f"task: {task.describe()}")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+
+    from .demo import editor_endpoint
+
+    server_args = argparse.Namespace(no_editor_llm=args.editor != "textgrad",
+                                     editor_base_url=args.editor_base_url, editor_model=args.editor_model)
+    result: dict[str, Any] = {}
+    with editor_endpoint(server_args, model_path, output_dir, console) as (base_url, editor_model):
+        args.editor_base_url, args.editor_model = base_url, editor_model
+        config = build_config(args, task, output_dir)
+        console.print(f"budgets: {args.max_steps} steps (check every {config.check_every}), "
+                      f"{config.max_symbolic_rounds} symbolic rounds, editor {config.editor}")
+        held = _examples(task.held_out)
+        result = {"task": {"name": task.name, "train": len(task.train), "probe": len(task.probe),
+                           "held_out": len(task.held_out), **task.meta},
+                  "model": str(model_path), "machine": machine(), "command": _command(),
+                  "settings": {"max_steps": args.max_steps, "check_every": config.check_every,
+                               "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                               "lora_r": args.lora_r, "max_new_tokens": args.max_new_tokens,
+                               "editor": config.editor, "max_symbolic_rounds": config.max_symbolic_rounds,
+                               "seed": args.seed, "nslora_config": config.to_dict()},
+                  "arms": {}}
+        if not args.no_baseline:
+            t0 = time.time()
+            model = _load_model(model_path)
+            console.print("held-out score of the untouched model…")
+            report = _evaluate(tokenizer, held, config, model, config.system_prompt)
+            result["base"] = {**held_out_metrics(report, task, held), "eval_seconds": round(time.time() - t0, 1)}
+            del model
+        for arm in arms:
+            console.rule(f"arm: {arm}")
+            result["arms"][arm] = run_arm(arm, args, task, config, tokenizer, model_path,
+                                          output_dir / arm, console)
+            _write(result, args, output_dir)
+    result["verdict"] = verdict(result)
+    result["wall_seconds"] = round(time.time() - t_start, 1)
+    path = _write(result, args, output_dir)
+    print_table(console, result)
+    console.print(f"results: {path}")
+    return result
+
+
+def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig, tokenizer: Any,
+            model_path: Path, arm_dir: Path, console: Any) -> dict[str, Any]:
+    from .data import load_probe_examples
+
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config.replace(output_dir=str(arm_dir / "nslora"))
+    recorder = GroundTruthRecorder(task)
+    plugins: list[Any] = [recorder]
+    if arm == "numerical":
+        plugins.insert(0, NumericalOnlyRoute())
+    t0 = time.time()
+    model = _load_model(model_path)
+    if arm == "symbolic":
+        from .loop import NeurosymbolicLoop
+
+        probe = load_probe_examples(task.probe, limit=cfg.probe_size, seed=cfg.seed)
+        loop = NeurosymbolicLoop(cfg, tokenizer, probe, output_dir=cfg.output_dir,
+                                 plugins=[SymbolicOnlyRoute(), recorder], console=console)
+        loop.start(model)
+        for step in range(cfg.check_every, args.max_steps + 1, cfg.check_every):
+            loop.check(step, model)
+        summary = loop.finish(model, args.max_steps)
+        final_model, final_prompt = model, loop.prompt_state.current
+        train_steps = 0
+    else:
+        from .integrations.trl import attach
+
+        trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir)
+        callback = attach(trainer, cfg, probe=task.probe, plugins=plugins, console=console)
+        trainer.train()
+        loop = callback.loop
+        summary = callback.summary
+        final_model, final_prompt = trainer.model, loop.prompt_state.current
+        train_steps = trainer.state.global_step
+    wall = time.time() - t0
+    (arm_dir / "ground_truth.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recorder.rows))
+
+    t1 = time.time()
+    held = _examples(task.held_out)
+    report = _evaluate(tokenizer, held, cfg, final_model, final_prompt)
+    metrics = held_out_metrics(report, task, held)
+    (arm_dir / "held_out.jsonl").write_text("".join(
+        json.dumps({**r.to_dict(), "kind": task.failure_kind(held[r.example_id].answer, r.completion)},
+                   ensure_ascii=False) + "\n" for r in report.results))
+    decisions = _read_jsonl(Path(cfg.output_dir) / "decisions.jsonl")
+    edits = [d for d in decisions if d.get("kind") == "edit"]
+    usage = summary.get("editor_usage") or {}
+    out = {
+        "held_out": metrics,
+        "probe_before": summary.get("probe_before"), "probe_after": summary.get("probe_after"),
+        "train_steps": train_steps,
+        "decisions": summary.get("decisions", {}),
+        "edits_proposed": len(edits), "edits_accepted": sum(bool(e.get("accepted")) for e in edits),
+        "editor_calls": int(usage.get("calls", 0)),
+        "editor_tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0)),
+        "augmented_examples": summary.get("augmented_examples", 0),
+        "system_prompt": final_prompt,
+        "router": router_accuracy(decisions, recorder.rows),
+        "faults": summary.get("faults", {}),
+        "wall_seconds": round(wall, 1), "held_out_eval_seconds": round(time.time() - t1, 1),
+        "artifacts": str(Path(cfg.output_dir)),
+    }
+    console.print(f"{arm}: held-out accuracy {metrics['accuracy']:.3f}, fact accuracy "
+                  f"{metrics['fact_accuracy']:.3f}, format {metrics['format_compliance']:.3f} "
+                  f"({out['wall_seconds']} s)")
+    return out
+
+
+def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer: Any, model: Any,
+             arm_dir: Path) -> Any:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .data import chat_rows
+
+    use_cpu = not torch.cuda.is_available()
+    sft_args = SFTConfig(
+        output_dir=str(arm_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=max(args.max_steps // 6, 1), save_strategy="no", report_to=[],
+        gradient_checkpointing=False, max_length=args.max_length, use_cpu=use_cpu, seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=sft_args,
+                         train_dataset=Dataset.from_list(chat_rows(task.train, cfg.system_prompt)),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                target_modules="all-linear", task_type="CAUSAL_LM"))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the loop's own lines say what happens
+    return trainer
+
+
+def _load_model(model_path: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+
+
+def _examples(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from .data import load_probe_examples
+
+    return {e.id: e for e in load_probe_examples(list(rows))}
+
+
+def _evaluate(tokenizer: Any, examples: dict[str, Any], config: NSLoRAConfig, model: Any,
+              prompt: str | None) -> ProbeReport:
+    from .plugins import make_plugin_manager
+    from .probe import ProbeEvaluator
+
+    evaluator = ProbeEvaluator(tokenizer, list(examples.values()), config, make_plugin_manager(config))
+    return evaluator.evaluate(model, prompt, step=-1, version=-1)
+
+
+# ------------------------------------------------------------------ verdict, table, files
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    arms = result.get("arms", {})
+    out: dict[str, Any] = {}
+    if "neurosymbolic" in arms:
+        ns = arms["neurosymbolic"]["held_out"]["accuracy"]
+        singles = {a: arms[a]["held_out"]["accuracy"] for a in ("numerical", "symbolic") if a in arms}
+        if singles:
+            best = max(singles, key=singles.get)
+            margin = round(100 * (ns - singles[best]), 1)
+            out.update(best_single_arm=best, margin_points=margin, margin_target_points=3.0,
+                       margin_met=margin >= 3.0)
+        acc = arms["neurosymbolic"]["router"]["label_accuracy"]
+        out.update(router_accuracy=acc, router_target=0.8,
+                   router_met=acc is not None and acc >= 0.8)
+    return out
+
+
+def print_table(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = result["task"]
+    table = Table(title=f"nslora compare — {t['name']} (held-out n={t['held_out']}, "
+                        f"{result['settings']['max_steps']} steps, editor {result['settings']['editor']})")
+    for col in ("arm", "held-out acc", "fact acc", "format", "probe reward", "edits acc/prop",
+                "LLM calls", "LLM tokens", "router acc", "wall s"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    base = result.get("base")
+    if base:
+        table.add_row("base", f"{base['accuracy']:.3f}", f"{base['fact_accuracy']:.3f}",
+                      f"{base['format_compliance']:.3f}", "", "", "", "", "", "")
+    for arm, a in result["arms"].items():
+        h = a["held_out"]
+        probe = (a.get("probe_after") or {}).get("reward")
+        racc = a["router"]["label_accuracy"] if arm == "neurosymbolic" else None
+        table.add_row(arm, f"{h['accuracy']:.3f}", f"{h['fact_accuracy']:.3f}",
+                      f"{h['format_compliance']:.3f}", "" if probe is None else f"{probe:.3f}",
+                      f"{a['edits_accepted']}/{a['edits_proposed']}", str(a["editor_calls"]),
+                      str(a["editor_tokens"]), "" if racc is None else f"{racc:.3f}",
+                      f"{a['wall_seconds']:.1f}")
+    console.print(table)
+    v = result.get("verdict") or {}
+    if "margin_points" in v:
+        console.print(f"neurosymbolic vs best single arm ({v['best_single_arm']}): "
+                      f"{v['margin_points']:+.1f} points (target >= +3.0: "
+                      f"{'met' if v['margin_met'] else 'not met'})")
+    if v.get("router_accuracy") is not None:
+        ns = result["arms"]["neurosymbolic"]["router"]
+        console.print(f"router accuracy: {v['router_accuracy']:.3f} over {ns['failures']} labelled "
+                      f"failures (action agreement {ns['action_accuracy']:.3f}; target >= 0.8: "
+                      f"{'met' if v['router_met'] else 'not met'})")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The table of `print_table` as Markdown (for results files)."""
+    head = ("| arm | held-out acc | fact acc | format | probe reward | edits acc/prop | LLM calls "
+            "| LLM tokens | router acc | wall s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    base = result.get("base")
+    if base:
+        lines.append(f"| base (untouched) | {base['accuracy']:.3f} | {base['fact_accuracy']:.3f} | "
+                     f"{base['format_compliance']:.3f} | | | | | | |")
+    for arm, a in result["arms"].items():
+        h = a["held_out"]
+        probe = (a.get("probe_after") or {}).get("reward")
+        racc = a["router"]["label_accuracy"]
+        lines.append(f"| {arm} | {h['accuracy']:.3f} | {h['fact_accuracy']:.3f} | "
+                     f"{h['format_compliance']:.3f} | {'' if probe is None else f'{probe:.3f}'} | "
+                     f"{a['edits_accepted']}/{a['edits_proposed']} | {a['editor_calls']} | "
+                     f"{a['editor_tokens']} | {'' if racc is None else f'{racc:.3f}'} | "
+                     f"{a['wall_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads()}
+    try:
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in
+                            Path("/proc/cpuinfo").read_text().splitlines()
+                            if line.startswith("model name")), platform.processor())
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def _command() -> str:
+    return " ".join(["nslora", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("nslora", "cli.py") \
+        else " ".join(sys.argv)
+
+
+def _write(result: dict[str, Any], args: argparse.Namespace, output_dir: Path) -> Path:
+    path = Path(args.json) if args.json else output_dir / "compare.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,174 @@
+"""`nslora compare` and its tasks: the synthetic facts + format generator, the GSM8K loader, the
+ground-truth rule, router accuracy, and one real (tiny) three-arm run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nslora_plugin.compare import router_accuracy
+from nslora_plugin.rewards import format_compliant
+from nslora_plugin.tasks import (
+    FINAL_FORMAT,
+    failure_kind,
+    load_jsonl_task,
+    make_entities,
+    make_facts_task,
+)
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+# ------------------------------------------------------------------ the synthetic task
+def test_facts_task_is_deterministic_under_its_seed():
+    a, b = make_facts_task(6, seed=1), make_facts_task(6, seed=1)
+    assert (a.train, a.probe, a.held_out) == (b.train, b.probe, b.held_out)
+    c = make_facts_task(6, seed=2)
+    assert {r["entity"] for r in c.train} != {r["entity"] for r in a.train}
+
+
+def test_paraphrase_split_asks_the_same_facts_in_new_words():
+    task = make_facts_task(8, seed=0, train_paraphrases=2, probe_size=10)
+    fact = lambda r: (r["entity"], r["attribute"])
+    assert {r["paraphrase"] for r in task.train} == {0, 1}
+    assert {r["paraphrase"] for r in task.probe} == {2}
+    assert {r["paraphrase"] for r in task.held_out} == {3}
+    train_facts = {fact(r) for r in task.train}
+    assert len(train_facts) == 8 * 4 and len(task.train) == 2 * 8 * 4
+    assert {fact(r) for r in task.held_out} == train_facts  # every fact, held out in new words
+    assert {fact(r) for r in task.probe} <= train_facts and len(task.probe) == 10
+    train_questions = {r["question"] for r in task.train}
+    assert not train_questions & {r["question"] for r in task.probe + task.held_out}
+    assert not {r["question"] for r in task.probe} & {r["question"] for r in task.held_out}
+    # the format line is only in the references, never in the training replies
+    assert not any("Final:" in r["answer"] for r in task.train)
+    for r in task.probe + task.held_out:
+        assert format_compliant(r["answer"], FINAL_FORMAT)
+        assert r["answer"].endswith(f"Final: {r['final_answer']}") and r["kind_rule"]
+    same = {fact(r): r["final_answer"] for r in task.train}
+    assert all(same[fact(r)] == r["final_answer"] for r in task.held_out)
+    assert task.config_overrides()["answer_format"] == FINAL_FORMAT
+
+
+def test_no_fact_leaks_between_entity_names():
+    entities = make_entities(40, seed=3)
+    names = [e[k] for e in entities for k in ("entity", "capital", "founder")]
+    assert len(set(names)) == len(names)
+    low = [n.casefold() for n in names]
+    for i, a in enumerate(low):
+        for j, b in enumerate(low):
+            if i != j:
+                assert a not in b, (a, b)
+    task = make_facts_task(40, seed=3)
+    answers = {r["final_answer"].casefold() for r in task.train if r["attribute"] in ("capital", "founder")}
+    for r in task.train + task.held_out:
+        words = r["question"].casefold()
+        # a question names its entity and never any capital or founder (its own or another's)
+        assert not any(re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", words) for a in answers), r
+
+
+def test_ground_truth_kind_of_a_failure():
+    kind = lambda c, a="Velgrad": failure_kind(a, c)
+    assert kind("The capital of Norland is Velgrad.\nFinal: Velgrad") is None          # passes
+    assert kind("The capital of Norland is Velgrad.") == "style"                       # only form
+    assert kind("It is velgrad, I think") == "style"                                   # any case
+    assert kind("The capital of Norland is Ashport.") == "factual"                     # fact wrong
+    assert kind("The capital of Norland is Velgrad.\nFinal: Ashport") == "factual"     # wrong line
+    assert kind("Velgradia is a city.") == "factual"                                   # whole words
+    assert kind("Founded in 1487.", "1487") == "style"
+    assert kind("Founded in 1488.\nFinal: 1488", "1487") == "factual"
+    # numbers (GSM8K): the last number decides whether the fact is there
+    num = {"answer_format": FINAL_FORMAT, "answer_pattern": FINAL_FORMAT, "fact_match": "number"}
+    assert failure_kind("12", "So 18 - 6 = 12 are male.", **num) == "style"
+    assert failure_kind("12", "12 are male, out of 18.", **num) == "factual"
+    assert failure_kind("12", "18 - 6 = 12\nFinal: 12", **num) is None
+    assert failure_kind(None, "anything") is None
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="GSM8K not in ../shared/data")
+def test_gsm8k_loader_splits_and_rewrites_the_answer_line():
+    a = load_jsonl_task(GSM8K, n_train=20, probe_size=5, held_out_size=7, seed=4)
+    b = load_jsonl_task(GSM8K, n_train=20, probe_size=5, held_out_size=7, seed=4)
+    assert a.train == b.train and a.held_out == b.held_out
+    assert (len(a.train), len(a.probe), len(a.held_out)) == (20, 5, 7)
+    assert a.name == "gsm8k" and a.fact_match == "number"
+    qs = [{r["question"] for r in s} for s in (a.train, a.probe, a.held_out)]
+    assert not (qs[0] & qs[1] or qs[0] & qs[2] or qs[1] & qs[2])
+    for r in a.train:
+        assert "####" not in r["answer"] and "<<" not in r["answer"] and "Final:" not in r["answer"]
+        assert r["answer"].endswith(f"The answer is {r['final_answer']}.")
+    for r in a.probe + a.held_out:
+        assert r["answer"].endswith(f"Final: {r['final_answer']}") and re.fullmatch(r"-?[\d.]+", r["final_answer"])
+    assert load_jsonl_task(GSM8K, n_train=20, probe_size=5, held_out_size=7, seed=5).held_out != a.held_out
+
+
+def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
+    decisions = [
+        {"kind": "start", "step": 0},
+        {"kind": "route", "step": 2, "action": "symbolic",
+         "labels": [{"example_id": "a", "label": "style"}, {"example_id": "b", "label": "style"}]},
+        {"kind": "route", "step": 4, "action": "numerical",
+         "labels": [{"example_id": "a", "label": "factual"}]},
+    ]
+    truth = [{"step": 2, "example_id": "a", "kind": "style"},
+             {"step": 2, "example_id": "b", "kind": "factual"},
+             {"step": 4, "example_id": "a", "kind": "factual"}]
+    acc = router_accuracy(decisions, truth)
+    assert acc["failures"] == 3
+    assert acc["label_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert acc["action_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert acc["confusion_truth_by_label"]["factual"] == {"factual": 1, "style": 1}
+    assert [c["step"] for c in acc["per_check"]] == [2, 4]
+
+
+# ------------------------------------------------------------------ one real run, tiny model
+@pytest.fixture(scope="module")
+def tiny_model_dir(default_model_dir, tmp_path_factory):
+    """A 2-layer, width-64 model with the real SmolLM2 tokenizer, saved as a model folder."""
+    from tiny import load_tokenizer, tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = load_tokenizer(default_model_dir)
+    tiny_model(tokenizer).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_path, capsys):
+    from nslora_plugin.cli import main
+
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline",
+                 "--set", "nll_threshold=100", "--set", "gate_tie_break=accept"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for arm in ("numerical", "symbolic", "neurosymbolic"):
+        assert arm in printed
+    assert "router acc" in printed and "held-out acc" in printed
+
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["arms"]) == ["numerical", "symbolic", "neurosymbolic"]
+    assert result["task"]["held_out"] == 12 and result["settings"]["max_steps"] == 4
+    for name, arm in result["arms"].items():
+        h = arm["held_out"]
+        assert h["n"] == 12
+        for key in ("accuracy", "fact_accuracy", "format_compliance"):
+            assert 0.0 <= h[key] <= 1.0
+        assert h["n_probe_facts"] == 4 and h["n_other_facts"] == 8  # held-out split by probe overlap
+        assert arm["wall_seconds"] > 0 and isinstance(arm["editor_calls"], int)
+        assert arm["router"]["failures"] > 0  # every arm logs labelled failures at its checks
+        assert (out / name / "ground_truth.jsonl").is_file() and (out / name / "held_out.jsonl").is_file()
+    num, sym, ns = (result["arms"][a] for a in ("numerical", "symbolic", "neurosymbolic"))
+    assert num["train_steps"] == 4 and ns["train_steps"] == 4 and sym["train_steps"] == 0
+    assert num["edits_proposed"] == 0 and num["decisions"]["symbolic"] == 0
+    assert sym["edits_accepted"] == 1 and ns["edits_accepted"] == 1  # the constraint editor, tie accepted
+    assert "Final:" in sym["system_prompt"] and "Final:" in ns["system_prompt"]
+    # a tiny random model knows no fact: every failure is factual by construction, and with
+    # nll_threshold=100 the prior labels them all "style" — router accuracy is honestly 0 here
+    assert ns["router"]["label_accuracy"] == 0.0
+    assert result["verdict"]["router_target"] == 0.8 and "margin_points" in result["verdict"]
