@@ -5,7 +5,10 @@ is baked into `input_ids`. `NSLoRACollator` wraps the framework's own collator a
 
 1. swaps the token span of the *initial* system prompt for the tokens of the *current* one in
    every example (and splices every per-token field alongside: labels get -100, attention 1,
-   position ids are renumbered), and
+   position ids are renumbered) — except, with a `reply_ok` check (`prompt_swap: compliant`, the
+   default when `answer_format` is set), examples whose text breaks the constraint: an edited
+   prompt that asks for a format, paired with a reply that ignores it, would train the adapter
+   to ignore the prompt, so such examples keep the initial prompt they were written under, and
 2. replaces a share of the examples (`augment_share`) with augmented rows from symbolic rounds
    ("prompts as data"), rendered with the current prompt and masked like the base examples.
 
@@ -95,8 +98,10 @@ class NSLoRACollator:
 
     def __init__(self, base: Callable[[list[dict[str, Any]]], Any], tokenizer: Any,
                  prompt_state: PromptState, *, augment_share: float = 0.0, seed: int = 0,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None,
+                 reply_ok: Callable[[str], bool] | None = None) -> None:
         self.base = base
+        self.reply_ok = reply_ok
         self.tokenizer = tokenizer
         self.prompt_state = prompt_state
         self.augment_share = augment_share
@@ -105,7 +110,8 @@ class NSLoRACollator:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._span_cache: dict[str, list[int]] = {}
-        self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0, "batches": 0}
+        self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0,
+                      "kept_initial": 0, "batches": 0}
         self.last_prompt_version = 0
         self._warned: set[str] = set()
 
@@ -133,8 +139,8 @@ class NSLoRACollator:
         for feature in features:
             self.stats["examples"] += 1
             if prompt is not None and initial is not None and prompt != initial:
-                feature, ok = self._swap(feature, initial, prompt)
-                self.stats["swapped" if ok else "no_span"] += 1
+                feature, outcome = self._swap(feature, initial, prompt)
+                self.stats[outcome] += 1
             out.append(feature)
         out = self._mix(out, prompt)
         if self.max_length:
@@ -146,7 +152,8 @@ class NSLoRACollator:
             self._span_cache[prompt] = prompt_span_ids(self.tokenizer, prompt)
         return self._span_cache[prompt]
 
-    def _swap(self, feature: dict[str, Any], old: str, new: str) -> tuple[dict[str, Any], bool]:
+    def _swap(self, feature: dict[str, Any], old: str, new: str) -> tuple[dict[str, Any], str]:
+        """Returns the example and what happened: "swapped", "no_span" or "kept_initial"."""
         ids = _as_list(feature["input_ids"])
         old_ids = self._span(old)
         at = find_subsequence(ids, old_ids)
@@ -154,7 +161,11 @@ class NSLoRACollator:
             self._warn_once("no_span", "a training example does not contain the initial system prompt "
                             "in its tokens, so prompt edits cannot reach it; put the initial prompt "
                             "(NSLoRAConfig.system_prompt) in every row's system message")
-            return feature, False
+            return feature, "no_span"
+        if self.reply_ok is not None:
+            rest = self.tokenizer.decode(ids[at + len(old_ids):], skip_special_tokens=True)
+            if not self.reply_ok(rest):
+                return feature, "kept_initial"
         new_ids = self._span(new)
         n = len(ids)
         spliced: dict[str, Any] = {}
@@ -176,7 +187,7 @@ class NSLoRACollator:
             else:
                 fill = [0] * len(new_ids)
             spliced[key] = _like(value, seq[:at] + fill + seq[at + len(old_ids):])
-        return spliced, True
+        return spliced, "swapped"
 
     def _mix(self, features: list[dict[str, Any]], prompt: str | None) -> list[dict[str, Any]]:
         with self._lock:

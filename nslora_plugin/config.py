@@ -144,11 +144,19 @@ class NSLoRAConfig:
     # the "length" reward component; with `reply_json` a reply that is not valid JSON fails "json".
     max_reply_chars: int = 0
     reply_json: bool = False
+    # content (issue 4): with `exact_match` a reply must equal the reference (case and whitespace
+    # aside) to earn the "exact_match" reward component — for short-answer / label data.
+    exact_match: bool = False
 
     # mix: share of each training batch replaced by augmented examples once there are any
     # ("prompts as data"), and the cap on the augmented pool.
     augment_share: float = 0.25
     augment_max_examples: int = 512
+    # which training rows get an edited system prompt: "compliant" (default) only rows whose text
+    # matches `answer_format` (the others keep the initial prompt: a prompt that asks for a format
+    # next to a reply that ignores it would teach the adapter to ignore the prompt), or "all".
+    # Without `answer_format` every row gets it either way.
+    prompt_swap: str = "compliant"
 
     # plugins: extra plugin objects by dotted path (`package.module.Name`), registered after the
     # built-ins; packages can also register through the `nslora` entry-point group.
@@ -214,6 +222,7 @@ class NSLoRAConfig:
         one_of("on_editor_down", ON_EDITOR_DOWN)
         one_of("gate_tie_break", TIE_BREAKS)
         one_of("router", ROUTERS)
+        one_of("prompt_swap", ("compliant", "all"))
         if isinstance(self.plugins, str):
             self.plugins = [p.strip() for p in self.plugins.split(",") if p.strip()]
         if not isinstance(self.plugins, list) or not all(isinstance(p, str) for p in self.plugins):

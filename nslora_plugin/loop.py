@@ -21,6 +21,7 @@ from .monitor import SignalMonitor
 from .plugins import make_plugin_manager
 from .probe import ProbeEvaluator
 from .prompt_state import PromptCandidate, PromptState
+from .rewards import format_compliant
 from .router import record_symbolic_outcome
 from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
                     RouteDecision)
@@ -83,9 +84,14 @@ class NeurosymbolicLoop:
             or self.config.editor_fallback == "constraint")
 
     def wrap_collator(self, base: Any, max_length: int | None = None) -> NSLoRACollator:
+        fmt = self.config.answer_format
+        reply_ok = None
+        if fmt and self.config.prompt_swap == "compliant":
+            def reply_ok(text: str) -> bool:
+                return format_compliant(text, fmt)
         self.collator = NSLoRACollator(base, self.tokenizer, self.prompt_state,
                                        augment_share=self.config.augment_share, seed=self.config.seed,
-                                       max_length=max_length)
+                                       max_length=max_length, reply_ok=reply_ok)
         if self.augmented:
             self.collator.add_augmented(self.augmented, self.config.augment_max_examples)
         return self.collator

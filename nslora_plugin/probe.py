@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, Iterator, Sequence
 
 from .config import NSLoRAConfig
+from .rewards import answer_in_reply
 from .types import ProbeExample, ProbeReport, ProbeResult
 
 
@@ -65,8 +66,10 @@ class ProbeEvaluator:
             if part:
                 merged.update(part)
         reward = sum(merged.values()) / len(merged) if merged else 0.0
+        signals = {} if example.answer is None else \
+            {"answer_present": float(answer_in_reply(example.answer, completion))}
         return ProbeResult(example_id=example.id, completion=completion, rewards=merged,
-                           reward=reward, ref_nll=nll)
+                           reward=reward, ref_nll=nll, signals=signals)
 
     # ---------------------------------------------------------------- model calls
     def generate(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:

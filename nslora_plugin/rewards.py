@@ -4,7 +4,9 @@ Both are deterministic (no LLM) so that the router and the validation gate are c
 reproducible. `correctness` compares final answers (numbers compare numerically, GSM8K style);
 `format` is 1 when the completion matches the configured `answer_format` regex. Two more
 symbolic constraints, when configured: `length` (the reply has at most `max_reply_chars`
-characters) and `json` (the reply is valid JSON, with `reply_json`). The constraint components are
+characters) and `json` (the reply is valid JSON, with `reply_json`); and one more content
+component, `exact_match` (the whole reply equals the reference, with `exact_match`), for
+short-answer and classification data. The constraint components are
 listed in `CONSTRAINT_COMPONENTS`; the editors state each violated one in the system prompt.
 """
 
@@ -54,6 +56,30 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     return p is not None and r is not None and p == r
 
 
+def answer_in_reply(answer: str | None, completion: str) -> bool:
+    """Does the reply state the right answer *anywhere*, whatever its form? A number matches any
+    number in the reply numerically; text matches as a whole word or phrase, case-insensitive.
+
+    This is the content half of a failure, separated from its form: a reply that has the right
+    answer but breaks the format needs a prompt, one without the answer needs the weights. The
+    router reads it as a feature (`answer_missing`); it is not a reward component.
+    """
+    target = normalize_answer(answer)
+    if not target:
+        return False
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", target) or re.fullmatch(r"-?\d+\.\d+e[+-]?\d+", target):
+        return any(normalize_answer(n) == target for n in _NUMBER.findall(completion))
+    text = " ".join(completion.casefold().split())
+    return re.search(r"(?<!\w)" + re.escape(target) + r"(?!\w)", text) is not None
+
+
+def exact_match(completion: str, reference: str) -> bool:
+    """The whole reply equals the reference, ignoring case and runs of whitespace."""
+    def norm(s: str) -> str:
+        return " ".join(s.casefold().split())
+    return norm(completion) == norm(reference)
+
+
 def format_compliant(completion: str, answer_format: str) -> bool:
     return re.search(answer_format, completion, flags=re.MULTILINE) is not None
 
@@ -86,4 +112,6 @@ class BuiltinRewards:
             scores["length"] = float(len(completion) <= config.max_reply_chars)
         if config.reply_json:
             scores["json"] = float(is_json(completion))
+        if config.exact_match:
+            scores["exact_match"] = float(exact_match(completion, example.reference))
         return scores or None

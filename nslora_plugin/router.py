@@ -3,18 +3,31 @@
 Per failing probe example, a logistic score over interpretable features gives `p_symbolic`, the
 probability that a prompt edit (not a weight update) is the right fix:
 
-    z = b + w_format * format_violation + w_nll * (ref_nll / nll_threshold) + w_wrong * wrong
+    z = b + w_format * format_violation + w_nll * (ref_nll / nll_threshold)
+          + w_wrong * wrong + w_missing * answer_missing
     p_symbolic = sigmoid(z)
 
-With the prior weights below: a violated format/constraint is "style" (the prompt can state it)
-unless the reference is very unlikely under the model (NLL above twice the threshold: the model
-knows nothing yet, so there is nothing for a prompt to steer); a compliant but wrong answer is
-"factual" (the weights must learn it). Each check then decides for the whole run:
+Features (all per example, from the probe; `C1`/`C2` are global and act in the schedule below):
+- `format_violation`: 1 if any constraint component (format, length, json) failed, else 0.
+- `nll_ratio`: the reference reply's NLL per token over `nll_threshold`, capped at 5 — how
+  unlikely the right reply is under the current adapter and prompt.
+- `wrong`: 1 - the correctness reward (the *final answer*, as the format extracts it, is wrong).
+- `answer_missing`: 1 if the right answer appears nowhere in the reply, whatever its form (0 when
+  the example has no known answer). It separates content from form: "right answer, wrong form"
+  is a prompt's job, "the answer is not there" is the weights'.
+
+With the prior weights below: a violated constraint is "style" (a prompt can state it) when the
+answer is in the reply and the reference is not very unlikely (NLL ratio under 2); a reply without
+the answer is "factual" (the weights must learn it), whether or not it also breaks the format; a
+compliant but wrong answer is "factual". Each check then decides for the whole run:
 
 1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
 3. share of "style" failures ≥ style_share_threshold → symbolic;
-4. numerical training saturated (|C1| small and C2 small for `saturation_patience` checks) and
-   something still fails → symbolic;   5. otherwise → numerical.
+4. no prompt edit accepted yet and at least style_share_threshold of the failures break a
+   constraint (even if their content is wrong too) → symbolic: the prompt has not stated the
+   constraint yet, one round tries it and the gate keeps it only if reward does not drop;
+5. numerical training saturated (|C1| small and C2 small for `saturation_patience` checks) and
+   something still fails → symbolic;   6. otherwise → numerical.
 After `stall_patience` symbolic rounds in a row without an accepted gain, the router cools down
 (numerical only) for `cooldown_checks` checks.
 """
@@ -33,7 +46,7 @@ if TYPE_CHECKING:
     from .loop import NeurosymbolicLoop
 
 PRIOR_WEIGHTS: dict[str, float] = {"bias": -1.0, "format_violation": 3.0,
-                                   "nll_ratio": -1.0, "wrong": 0.0}
+                                   "nll_ratio": -1.0, "wrong": 0.0, "answer_missing": -3.0}
 
 
 def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, float]:
@@ -42,6 +55,7 @@ def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, flo
                                       default=1.0),
         "nll_ratio": min(result.ref_nll / config.nll_threshold, 5.0),
         "wrong": 1.0 - result.rewards.get("correctness", 1.0),
+        "answer_missing": 1.0 - result.signals.get("answer_present", 1.0),
     }
 
 
@@ -103,6 +117,11 @@ class PriorRouter:
         if style_share >= config.style_share_threshold:
             return decide("symbolic", f"{len(style)}/{n_fail} failures look like style/constraint "
                           f"problems (share {style_share:.2f} >= {config.style_share_threshold})")
+        broken = [lab for lab in labels if lab.features.get("format_violation", 0.0) > 0]
+        if not state.get("accepted_edits", 0) and len(broken) / n_fail >= config.style_share_threshold:
+            return decide("symbolic", f"{len(broken)}/{n_fail} failures break a constraint the "
+                          "prompt does not state yet (their content needs the weights too); "
+                          "one prompt edit states it and the gate keeps it only if reward holds")
         if state["flat_checks"] >= config.saturation_patience:
             return decide("symbolic", f"numerical training saturated (C1={_fmt(signal.c1)}, "
                           f"C2={_fmt(signal.c2)} for {state['flat_checks']} checks) with "
@@ -168,6 +187,7 @@ class LearnedRouter(PriorRouter):
 def record_symbolic_outcome(state: dict, accepted: bool, config: NSLoRAConfig) -> None:
     """Update the stall counter after a symbolic round."""
     state["symbolic_rounds"] = state.get("symbolic_rounds", 0) + 1
+    state["accepted_edits"] = state.get("accepted_edits", 0) + int(accepted)
     state["stalled_rounds"] = 0 if accepted else state.get("stalled_rounds", 0) + 1
     if state["stalled_rounds"] >= config.stall_patience:
         state["cooldown"] = config.cooldown_checks

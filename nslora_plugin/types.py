@@ -38,6 +38,9 @@ class ProbeResult(_Serializable):
     rewards: dict[str, float]
     reward: float
     ref_nll: float
+    #: diagnostics that are not reward components (they never change `reward` or the gate), e.g.
+    #: `answer_present`: 1 if the right answer appears anywhere in the reply, whatever its form.
+    signals: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

@@ -107,3 +107,24 @@ def test_spliced_examples_respect_the_trainers_max_length(tok):
     out = collator([{"input_ids": list(ids), "labels": list(ids), "meta": 1}])
     assert len(out[0]["input_ids"]) == len(out[0]["labels"]) == len(ids)
     assert tok.decode(out[0]["input_ids"]).count("Think step by step.") >= 1
+
+
+def test_rows_that_break_the_format_keep_the_initial_prompt(tok):
+    """With a `reply_ok` check (prompt_swap: compliant), a reply that ignores the format the
+    edited prompt asks for is not paired with that prompt; a compliant one is."""
+    from nslora_plugin.rewards import format_compliant
+
+    compliant, _ = encode(tok, SYSTEM, answer="2 + 3 = 5.\nAnswer: 5")
+    plain, _ = encode(tok, SYSTEM, answer="2 + 3 = 5.")
+    state = PromptState(SYSTEM)
+    accept(state, NEW)
+    collator = NSLoRACollator(lambda f: f, tok, state,
+                              reply_ok=lambda text: format_compliant(text, r"^Answer: *(-?\d+)\s*$"))
+    out = collator([{"input_ids": list(compliant)}, {"input_ids": list(plain)}])
+    assert out[0]["input_ids"] == encode(tok, NEW, answer="2 + 3 = 5.\nAnswer: 5")[0]
+    assert out[1]["input_ids"] == plain
+    assert collator.stats["swapped"] == 1 and collator.stats["kept_initial"] == 1
+    # without the check (prompt_swap: all) both get the edited prompt
+    collator_all = NSLoRACollator(lambda f: f, tok, state)
+    out = collator_all([{"input_ids": list(compliant)}, {"input_ids": list(plain)}])
+    assert out[1]["input_ids"] == encode(tok, NEW, answer="2 + 3 = 5.")[0]

@@ -14,10 +14,12 @@ from nslora_plugin.types import ProbeReport, ProbeResult
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
 
 
-def result(eid: str, correct: float, fmt: float, nll: float) -> ProbeResult:
+def result(eid: str, correct: float, fmt: float, nll: float,
+           present: float | None = None) -> ProbeResult:
     rewards = {"correctness": correct, "format": fmt}
+    signals = {} if present is None else {"answer_present": present}
     return ProbeResult(example_id=eid, completion="", rewards=rewards,
-                       reward=sum(rewards.values()) / 2, ref_nll=nll)
+                       reward=sum(rewards.values()) / 2, ref_nll=nll, signals=signals)
 
 
 def test_prior_labels_follow_the_documented_rules() -> None:
@@ -28,6 +30,50 @@ def test_prior_labels_follow_the_documented_rules() -> None:
     assert label(result("b", 0, 1, 1.0)) == "factual"   # compliant but wrong
     assert label(result("c", 0, 1, 0.2)) == "factual"
     assert label(result("d", 1, 0, 4.0)) == "factual"   # violated but the model knows nothing yet
+    # content vs form: the answer is in the reply but the format is broken -> the prompt's job;
+    # the answer is nowhere in the reply -> the weights', even though the format is broken too
+    assert label(result("e", 0, 0, 1.5, present=1.0)) == "style"
+    assert label(result("f", 0, 0, 1.5, present=0.0)) == "factual"
+    assert label(result("g", 0, 0, 0.2, present=0.0)) == "factual"
+    assert label(result("h", 0, 1, 0.2, present=1.0)) == "factual"  # Final line names another
+
+
+def test_answer_presence_is_measured_on_the_reply() -> None:
+    from nslora_plugin.rewards import answer_in_reply, exact_match
+
+    assert answer_in_reply("1494", "Vintuora was founded in 1494.")
+    assert answer_in_reply("1,494", "in 1494") and answer_in_reply("3.5", "3.50 dollars")
+    assert not answer_in_reply("12", "There are 123 of them.")
+    assert answer_in_reply("Drovia", "The capital is drovia.")
+    assert not answer_in_reply("Dro", "The capital is Drovia.")  # whole words only
+    assert not answer_in_reply(None, "anything")
+    assert exact_match(" Paris\n", "paris") and not exact_match("Paris, France", "Paris")
+
+
+def _route(labels_from, accepted_edits: int):
+    from nslora_plugin.router import PriorRouter
+    from nslora_plugin.types import TrainingSignal
+
+    cfg = NSLoRAConfig(editor="constraint")
+    report = ProbeReport(5, 0, labels_from)
+    router = PriorRouter()
+    labels = [router.nslora_classify_failure(r, None, cfg, None) for r in report.results]
+    host = RouterHost(cfg)
+    host.router_state["accepted_edits"] = accepted_edits
+    host.editing_available = True
+    signal = TrainingSignal(step=5, loss=1.0, c1=-0.5, c2=3.0, loss_flat=False, grad_small=False)
+    return router.nslora_route(signal, report, labels, cfg, host)
+
+
+def test_a_constraint_no_prompt_states_yet_gets_one_symbolic_round() -> None:
+    # every failure breaks the format and lacks the answer: labelled factual, but the format is
+    # also broken and no prompt has stated it, so the router tries one edit ...
+    mixed = [result(str(i), 0, 0, 1.5, present=0.0) for i in range(4)]
+    first = _route(mixed, accepted_edits=0)
+    assert all(lab.label == "factual" for lab in first.labels)
+    assert first.action == "symbolic" and "does not state yet" in first.reason
+    # ... and once an edit is in place, the same failures go to the weights
+    assert _route(mixed, accepted_edits=1).action == "numerical"
 
 
 class RouterHost:
