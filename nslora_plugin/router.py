@@ -17,9 +17,10 @@ Features (all per example, from the probe; `C1`/`C2` are global and act in the s
   is a prompt's job, "the answer is not there" is the weights'.
 
 With the prior weights below: a violated constraint is "style" (a prompt can state it) when the
-answer is in the reply and the reference is not very unlikely (NLL ratio under 2); a reply without
-the answer is "factual" (the weights must learn it), whether or not it also breaks the format; a
-compliant but wrong answer is "factual". Each check then decides for the whole run:
+answer is in the reply (or the example has no known answer) and the reference is not extremely
+unlikely (NLL ratio under 4); a reply without the answer is "factual" (the weights must learn it),
+whether or not it also breaks the format; a compliant but wrong answer is "factual". The NLL
+weight is small because `answer_missing` measures content directly; NLL is only a proxy for it. Each check then decides for the whole run:
 
 1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
 3. share of "style" failures ≥ style_share_threshold → symbolic;
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .loop import NeurosymbolicLoop
 
 PRIOR_WEIGHTS: dict[str, float] = {"bias": -1.0, "format_violation": 3.0,
-                                   "nll_ratio": -1.0, "wrong": 0.0, "answer_missing": -3.0}
+                                   "nll_ratio": -0.5, "wrong": 0.0, "answer_missing": -3.0}
 
 
 def failure_features(result: ProbeResult, config: NSLoRAConfig) -> dict[str, float]:

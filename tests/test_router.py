@@ -29,7 +29,8 @@ def test_prior_labels_follow_the_documented_rules() -> None:
     assert label(result("a", 0, 0, 1.0)) == "style"     # format violated, model knows the domain
     assert label(result("b", 0, 1, 1.0)) == "factual"   # compliant but wrong
     assert label(result("c", 0, 1, 0.2)) == "factual"
-    assert label(result("d", 1, 0, 4.0)) == "factual"   # violated but the model knows nothing yet
+    assert label(result("d", 1, 0, 7.0)) == "factual"   # violated but the model knows nothing yet
+    assert label(result("d2", 1, 0, 4.0)) == "style"    # NLL alone is a weak content proxy
     # content vs form: the answer is in the reply but the format is broken -> the prompt's job;
     # the answer is nowhere in the reply -> the weights', even though the format is broken too
     assert label(result("e", 0, 0, 1.5, present=1.0)) == "style"
