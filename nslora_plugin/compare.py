@@ -458,6 +458,21 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         acc = arms["neurosymbolic"]["router"]["label_accuracy"]
         out.update(router_accuracy=acc, router_target=0.8,
                    router_met=acc is not None and acc >= 0.8)
+    # every arm logs the classifier's labels at the same checks (only the neurosymbolic arm acts
+    # on them); pooled, they cover failures the neurosymbolic arm never meets (e.g. "style" ones
+    # once the weights know the facts but no prompt asks for the format)
+    pooled = {"right": 0, "failures": 0, "style": 0}
+    for a in arms.values():
+        r = a.get("router") or {}
+        for truth, by_label in (r.get("confusion_truth_by_label") or {}).items():
+            for label, n in by_label.items():
+                pooled["failures"] += n
+                pooled["right"] += n if label == truth else 0
+                pooled["style"] += n if truth == "style" else 0
+    if pooled["failures"]:
+        out.update(router_accuracy_all_arms=round(pooled["right"] / pooled["failures"], 4),
+                   router_failures_all_arms=pooled["failures"],
+                   router_style_failures_all_arms=pooled["style"])
     return out
 
 
@@ -477,7 +492,7 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
     for arm, a in result["arms"].items():
         h = a["held_out"]
         probe = (a.get("probe_after") or {}).get("reward")
-        racc = a["router"]["label_accuracy"] if arm == "neurosymbolic" else None
+        racc = a["router"]["label_accuracy"]
         table.add_row(arm, f"{h['accuracy']:.3f}", f"{h['fact_accuracy']:.3f}",
                       f"{h['format_compliance']:.3f}", "" if probe is None else f"{probe:.3f}",
                       f"{a['edits_accepted']}/{a['edits_proposed']}", str(a["editor_calls"]),
@@ -494,6 +509,16 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
         console.print(f"router accuracy: {v['router_accuracy']:.3f} over {ns['failures']} labelled "
                       f"failures (action agreement {ns['action_accuracy']:.3f}; target >= 0.8: "
                       f"{'met' if v['router_met'] else 'not met'})")
+    if v.get("router_accuracy_all_arms") is not None:
+        console.print(f"router labels in all arms: {v['router_accuracy_all_arms']:.3f} right over "
+                      f"{v['router_failures_all_arms']} labelled failures "
+                      f"({v['router_style_failures_all_arms']} of them style by construction)")
+    other = {arm: a["held_out"].get("accuracy_other_facts") for arm, a in result["arms"].items()}
+    if any(x is not None for x in other.values()):
+        n_other = next(a["held_out"].get("n_other_facts") for a in result["arms"].values())
+        console.print(f"held-out accuracy on the {n_other} facts outside the probe set (probe "
+                      "references can become training rows): " + ", ".join(
+                          f"{arm} {x:.3f}" for arm, x in other.items() if x is not None))
 
 
 def markdown_table(result: dict[str, Any]) -> str:

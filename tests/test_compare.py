@@ -124,6 +124,25 @@ def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
     assert [c["step"] for c in acc["per_check"]] == [2, 4]
 
 
+
+def test_verdict_pools_the_labels_of_every_arm():
+    from nslora_plugin.compare import verdict
+
+    def arm(acc, confusion):
+        return {"held_out": {"accuracy": acc},
+                "router": {"label_accuracy": 1.0, "confusion_truth_by_label": confusion}}
+
+    result = {"arms": {
+        "numerical": arm(0.0, {"factual": {"factual": 4, "style": 0}, "style": {"factual": 2, "style": 2}}),
+        "symbolic": arm(0.1, {"factual": {"factual": 3, "style": 1}}),
+        "neurosymbolic": arm(0.2, {"factual": {"factual": 2, "style": 0}}),
+    }}
+    v = verdict(result)
+    assert v["best_single_arm"] == "symbolic" and v["margin_points"] == pytest.approx(10.0)
+    assert v["router_failures_all_arms"] == 14 and v["router_style_failures_all_arms"] == 4
+    assert v["router_accuracy_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
+
+
 # ------------------------------------------------------------------ one real run, tiny model
 @pytest.fixture(scope="module")
 def tiny_model_dir(default_model_dir, tmp_path_factory):
