@@ -29,8 +29,12 @@ dtype: 2 for bf16/fp16, 4 for fp32):
                output (in) in c plus its 1-byte mask. Without gradient checkpointing: T*L*that.
                With it (HF checkpoints each decoder layer): T*L*h*c for the layer inputs plus one
                layer's full set, recomputed during backward.
-  logits       T*V*(c + 4 + 4): the logits, their fp32 upcast for the loss and its gradient
-               (a fused / chunked LM-head loss needs less; this is the upper bound).
+  logits       lm_head "full": T*V*(c + 4 + 4): the logits, their fp32 upcast for the loss and
+               its gradient. lm_head "fused" (TRL >= 1.16's SFTTrainer never builds the logits:
+               it projects tiles of min(T, 4096) tokens x 32768 vocabulary columns): two tiles,
+               forward and backward, 2*min(T,4096)*min(V,32768)*c, plus 16 B per token of
+               per-token outputs. Measured on the 8B recipe: ~0 GiB visible at the step peak
+               (recipes/results/gpu-qlora-8b.md), so "fused" is still an upper bound.
   probe        NSLoRA's probe runs between optimizer steps under no_grad, after the gradients are
                freed: KV cache 2*L*kv*(P+G)*B*c for B = probe_batch_size rows of P prompt tokens +
                G = probe_max_new_tokens, plus the reference-NLL pass over B rows of P+G tokens,
@@ -207,6 +211,7 @@ class TrainSettings:
     probe_prompt_len: int = 256        # system prompt + question tokens of a probe row
     probe_max_new_tokens: int = 96
     gpu_gib: float = 24.0
+    lm_head: str = "full"              # "full" logits, or "fused" (TRL >= 1.16 SFTTrainer)
 
     def targets(self) -> list[str]:
         t = self.target_modules
@@ -313,9 +318,18 @@ def estimate(model: ModelShape, s: TrainSettings) -> MemoryEstimate:
         how = f"no checkpointing: all {m.num_layers} layers"
     est.rows.append(("activations", activations,
                      f"{s.batch_size} x {s.seq_len} tokens, {how} ({per_layer / 1024:.0f} KiB/token/layer)"))
-    logits = tokens * m.vocab_size * (c + 8)
-    est.rows.append(("logits + loss", logits, f"{tokens} tokens x V={m.vocab_size} x {c + 8} B (upper "
-                     "bound: TRL>=1.16's fused LM head, Liger or CCE kernels need less)"))
+    if s.lm_head == "fused":
+        tile = min(tokens, 4096) * min(m.vocab_size, 32768)
+        logits = 2 * tile * c + tokens * 16
+        est.rows.append(("logits + loss (fused LM head)", logits,
+                         f"2 tiles of {min(tokens, 4096)} x {min(m.vocab_size, 32768)} x {c} B + "
+                         f"16 B/token (TRL>=1.16 never builds the full logits)"))
+    elif s.lm_head == "full":
+        logits = tokens * m.vocab_size * (c + 8)
+        est.rows.append(("logits + loss", logits, f"{tokens} tokens x V={m.vocab_size} x {c + 8} B "
+                         "(full logits; TRL>=1.16, Liger or CCE kernels need less: --lm-head fused)"))
+    else:
+        raise ValueError(f"lm_head {s.lm_head!r}: use 'full' or 'fused'")
 
     # NSLoRA probe
     probe_tokens = s.probe_prompt_len + s.probe_max_new_tokens
@@ -393,7 +407,20 @@ def settings_from_trl_config(path: str | Path) -> tuple[str | None, dict[str, An
     if cfg.get("lora_target_modules") is not None:
         t = cfg["lora_target_modules"]
         out["target_modules"] = t[0] if isinstance(t, list) and len(t) == 1 else t
+    out["lm_head"] = "fused" if trl_has_fused_lm_head() else "full"
     return cfg.get("model_name_or_path"), out
+
+
+def trl_has_fused_lm_head() -> bool:
+    """Is the installed TRL one whose SFTTrainer never builds the full logits (>= 1.16)? Read
+    from the package metadata, so nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parts = version("trl").split(".")
+        return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (1, 16)
+    except (PackageNotFoundError, ValueError, IndexError):
+        return False
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -418,6 +445,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--optimizer", default=None, help="adamw_torch, paged_adamw_8bit, adafactor, ...")
     p.add_argument("--batch-size", type=int, default=None, help="per-device train batch size")
     p.add_argument("--seq-len", type=int, default=None, help="training sequence length (max_length)")
+    p.add_argument("--lm-head", choices=("full", "fused"), default=None,
+                   help="full logits (default with --model), or TRL>=1.16's fused LM head (the "
+                        "default with a TRL --config when TRL>=1.16 is installed)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--probe-batch-size", type=int, default=None)
     p.add_argument("--probe-prompt-len", type=int, default=None)
@@ -445,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
              "batch_size": args.batch_size, "seq_len": args.seq_len,
              "gradient_checkpointing": args.gradient_checkpointing,
              "probe_batch_size": args.probe_batch_size, "probe_prompt_len": args.probe_prompt_len,
-             "probe_max_new_tokens": args.probe_max_new_tokens, "gpu_gib": args.gpu_gib}
+             "probe_max_new_tokens": args.probe_max_new_tokens, "gpu_gib": args.gpu_gib,
+             "lm_head": args.lm_head}
     if args.compute_dtype:
         flags["compute_bytes"] = 4 if args.compute_dtype == "float32" else 2
     kwargs.update({k: v for k, v in flags.items() if v is not None})

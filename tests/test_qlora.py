@@ -164,3 +164,21 @@ def test_doctor_8b_qlora_recipe_fits_24gb_and_full_16bit_does_not(capsys):
     assert doctor_main(["--model", "meta-llama/Llama-3.1-8B-Instruct", "--weight-bits", "16",
                         "--lora-r", "0", "--seq-len", "2048"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_doctor_fused_lm_head_drops_the_logits_and_leaves_the_probe_as_the_peak():
+    """TRL >= 1.16 never builds the full logits; on the 8B recipe measured on a GPU the probe,
+    not the training step, was the peak (recipes/results/gpu-qlora-8b.md: 11.50 GiB allocated
+    during a probe, 7.82-7.89 in training steps)."""
+    model, settings = settings_from_trl_config(RECIPE_8B)
+    shape = resolve_model(model)
+    full = estimate(shape, TrainSettings(**{**settings, "lm_head": "full"}))
+    fused = estimate(shape, TrainSettings(**{**settings, "lm_head": "fused"}))
+    assert full.row("logits + loss") > 4 * GiB
+    assert fused.row("logits + loss (fused LM head)") < 0.6 * GiB
+    assert fused.train_peak < full.train_peak - 4 * GiB
+    assert fused.probe_peak == pytest.approx(full.probe_peak, rel=0.05)
+    assert fused.probe_peak > fused.train_peak  # the probe sets the peak, as measured
+    assert 11.0 * GiB < fused.total < 13.0 * GiB  # measured: 11.50 GiB allocated + context
+    with pytest.raises(ValueError, match="lm_head"):
+        estimate(shape, TrainSettings(**{**settings, "lm_head": "chunky"}))
