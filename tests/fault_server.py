@@ -247,14 +247,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def editor_config(server: FaultServer | None, **overrides: Any) -> Any:
-    """A config whose every check is symbolic (the tiny model fails the format, `nll_threshold`
-    high makes that a style problem), with the editor LLM at `server` (None: set it yourself)."""
+    """A config whose every check with a failure is symbolic (`style_share_threshold` 0: the
+    tiny model fails every probe example, and any share of "style" labels, even none, is enough),
+    with the editor LLM at `server` (None: set it yourself)."""
     from nslora_plugin import NSLoRAConfig
     from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM
 
     base = dict(system_prompt=SYSTEM, check_every=1, probe_size=3, probe_max_new_tokens=8,
                 answer_format=ANSWER_FORMAT, format_instruction=FORMAT_INSTRUCTION,
-                nll_threshold=100.0, max_symbolic_rounds=10, stall_patience=100,
+                nll_threshold=100.0, style_share_threshold=0.0, max_symbolic_rounds=10,
+                stall_patience=100,
                 gate_tie_break="accept", editor_batch_size=3, editor_max_tokens=48,
                 editor_temperature=0.0, editor_timeout=10.0, editor_fallback="none",
                 editor_base_url=server.base_url if server else None,

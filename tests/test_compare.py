@@ -187,7 +187,9 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
     assert num["edits_proposed"] == 0 and num["decisions"]["symbolic"] == 0
     assert sym["edits_accepted"] == 1 and ns["edits_accepted"] == 1  # the constraint editor, tie accepted
     assert "Final:" in sym["system_prompt"] and "Final:" in ns["system_prompt"]
-    # a tiny random model knows no fact: every failure is factual by construction, and with
-    # nll_threshold=100 the prior labels them all "style" — router accuracy is honestly 0 here
-    assert ns["router"]["label_accuracy"] == 0.0
+    # a tiny random model knows no fact: every failure is factual by construction; even with
+    # nll_threshold=100 (NLL says nothing) the answer_missing feature labels them factual, and
+    # the symbolic round still ran because the format was broken and no prompt stated it yet
+    assert ns["router"]["label_accuracy"] == 1.0
+    assert ns["decisions"]["symbolic"] >= 1
     assert result["verdict"]["router_target"] == 0.8 and "margin_points" in result["verdict"]

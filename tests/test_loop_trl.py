@@ -43,7 +43,7 @@ def test_numerical_and_symbolic_decisions_and_prompt_reaches_batches(tmp_path, t
     routes = [d for d in arts.decisions if d["kind"] == "route"]
     assert [d["step"] for d in routes] == [3, 6, 9]
     assert routes[0]["action"] == "symbolic"
-    assert "style/constraint" in routes[0]["reason"]
+    assert "constraint" in routes[0]["reason"]
     assert all(d["action"] == "numerical" for d in routes[1:])
     assert "symbolic budget spent" in routes[1]["reason"]
     for d in routes:  # every decision carries its inputs, scores and a reason
@@ -93,10 +93,12 @@ def test_artifacts_travel_with_checkpoints_and_adapter(tmp_path, tokenizer, rows
     assert len(ckpt6.decisions) > len(ckpt3.decisions)
 
 
-def test_no_edit_without_failures_of_style(tmp_path, tokenizer, rows):
-    """With the default NLL threshold the tiny model's failures look factual: LoRA only."""
+def test_no_edit_when_failures_are_factual_and_no_constraint_is_broken(tmp_path, tokenizer, rows):
+    """Wrong answers with no format rule to break: the answer is missing from every reply, the
+    failures are factual, and only LoRA trains."""
     trainer = sft_trainer(tokenizer, tmp_path / "run", rows[:64], max_steps=6)
-    attach(trainer, nslora_config(nll_threshold=1.5), probe=rows[64:])
+    attach(trainer, nslora_config(nll_threshold=1.5, answer_format=None, format_instruction=None),
+           probe=rows[64:])
     trainer.train()
     arts = load_artifacts(tmp_path / "run")
     routes = [d for d in arts.decisions if d["kind"] == "route"]
