@@ -8,17 +8,28 @@ with the *current* system prompt at batch time, so the weights learn to give suc
 the prompt that asks for them — the prompt's effect is distilled into the adapter.
 
 Note: the rows come from probe examples, so later probe numbers are no longer fully held out;
-`nslora demo` therefore also reports a separate held-out evaluation split.
+`nslora demo` therefore also reports a separate held-out evaluation split. With
+`augment_holdout_share` > 0 a seeded share of the probe examples never becomes training data, so
+that part of the probe stays a clean signal for the router and the gate for the whole run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Iterable
 
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
 from .rewards import format_compliant
 from .types import ProbeExample, ProbeReport
+
+
+def holdout_ids(example_ids: Iterable[str], share: float, seed: int) -> set[str]:
+    """The probe examples kept out of prompts-as-data: `round(share * n)` of them, chosen with
+    `seed` from the sorted ids, so the split is the same on every check, rank and resume."""
+    ids = sorted(example_ids)
+    k = round(share * len(ids))
+    return set(random.Random(seed).sample(ids, k)) if k else set()
 
 
 class PromptsAsData:
@@ -27,8 +38,11 @@ class PromptsAsData:
                                 examples: dict[str, ProbeExample],
                                 config: NSLoRAConfig) -> list[dict[str, Any]]:
         after = {r.example_id: r for r in report.results}
+        kept_out = holdout_ids(examples, config.augment_holdout_share, config.seed)
         rows: list[dict[str, Any]] = []
         for failed in before.failures:
+            if failed.example_id in kept_out:
+                continue
             example = examples[failed.example_id]
             fixed = after.get(failed.example_id)
             replies = []

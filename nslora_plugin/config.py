@@ -152,6 +152,9 @@ class NSLoRAConfig:
     # ("prompts as data"), and the cap on the augmented pool.
     augment_share: float = 0.25
     augment_max_examples: int = 512
+    # share of the probe examples that never become prompts-as-data rows (chosen with `seed`), so
+    # part of the probe stays unseen by the adapter and keeps informing the router and the gate.
+    augment_holdout_share: float = 0.0
     # which training rows get an edited system prompt: "compliant" (default) only rows whose text
     # matches `answer_format` (the others keep the initial prompt: a prompt that asks for a format
     # next to a reply that ignores it would teach the adapter to ignore the prompt), or "all".
@@ -213,7 +216,7 @@ class NSLoRAConfig:
             if 0 < getattr(self, name) < 4:  # the smallest round: 3 calls for one example + 1 update
                 _fail(name, getattr(self, name), "0 (no cap) or at least 4 (the smallest TextGrad "
                       "round: 3 calls for one example and 1 update)")
-        for name in ("style_share_threshold", "augment_share"):
+        for name in ("style_share_threshold", "augment_share", "augment_holdout_share"):
             unit(name)
         if not -1.0 <= self.acceptance_margin <= 1.0:
             _fail("acceptance_margin", self.acceptance_margin, "a number between -1 and 1")

@@ -31,3 +31,24 @@ def test_rows_come_from_failures_and_fixed_examples():
     assert all(r["messages"][0] == {"role": "user", "content": examples[r["example_id"]].question}
                for r in rows)
     assert all(r["prompt_version"] == 1 for r in rows)
+
+
+def test_holdout_share_keeps_a_seeded_part_of_the_probe_out_of_training():
+    from nslora_plugin.augment import holdout_ids
+
+    ids = [f"e{i}" for i in range(10)]
+    held = holdout_ids(ids, 0.3, seed=4)
+    assert len(held) == 3 and held <= set(ids)
+    assert holdout_ids(list(reversed(ids)), 0.3, seed=4) == held  # order-free, stable under seed
+    assert holdout_ids(ids, 0.0, seed=4) == set()
+
+    cfg = NSLoRAConfig(editor="constraint", augment_holdout_share=0.3, seed=4)
+    pm = make_plugin_manager(cfg)
+    examples = {i: ProbeExample(i, f"Q {i}?", f"ref {i}", None) for i in ids}
+    before = ProbeReport(0, 0, [res(i, 0) for i in ids])
+    after = ProbeReport(0, 1, [res(i, 1, f"mine {i}") for i in ids])
+    rows = [r for part in pm.hook.nslora_augment_examples(
+        prompt="p", report=after, before=before, examples=examples, config=cfg, loop=None)
+        for r in part or []]
+    sources = {r["example_id"] for r in rows}
+    assert sources == set(ids) - held  # every failure contributes, except the held-back ones
