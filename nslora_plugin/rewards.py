@@ -69,8 +69,17 @@ def answer_in_reply(answer: str | None, completion: str) -> bool:
         return False
     if re.fullmatch(r"-?\d+(?:\.\d+)?", target) or re.fullmatch(r"-?\d+\.\d+e[+-]?\d+", target):
         return any(normalize_answer(n) == target for n in _NUMBER.findall(completion))
-    text = " ".join(completion.casefold().split())
-    return re.search(r"(?<!\w)" + re.escape(target) + r"(?!\w)", text) is not None
+    return phrase_in_text(answer, completion)
+
+
+def phrase_in_text(phrase: str | None, text: str) -> bool:
+    """`phrase` (normalized like an answer) occurs in `text` as a whole word or phrase,
+    case-insensitive, whitespace runs collapsed."""
+    target = normalize_answer(phrase)
+    if not target:
+        return False
+    flat = " ".join(text.casefold().split())
+    return re.search(r"(?<!\w)" + re.escape(target) + r"(?!\w)", flat) is not None
 
 
 def exact_match(completion: str, reference: str) -> bool:

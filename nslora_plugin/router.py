@@ -118,7 +118,8 @@ class PriorRouter:
         if style_share >= config.style_share_threshold:
             return decide("symbolic", f"{len(style)}/{n_fail} failures look like style/constraint "
                           f"problems (share {style_share:.2f} >= {config.style_share_threshold})")
-        broken = [lab for lab in labels if lab.features.get("format_violation", 0.0) > 0]
+        broken = [r for r in report.failures  # read from the rewards, whatever the classifier
+                  if min((r.rewards.get(c, 1.0) for c in CONSTRAINT_COMPONENTS), default=1.0) < 1.0]
         if not state.get("accepted_edits", 0) and len(broken) / n_fail >= config.style_share_threshold:
             return decide("symbolic", f"{len(broken)}/{n_fail} failures break a constraint the "
                           "prompt does not state yet (their content needs the weights too); "

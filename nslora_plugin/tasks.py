@@ -47,6 +47,7 @@ from .rewards import (
     extract_final_answer,
     format_compliant,
     normalize_answer,
+    phrase_in_text,
 )
 
 __all__ = [
@@ -107,11 +108,7 @@ def fact_present(answer: str, completion: str, fact_match: str = "contains") -> 
     case-insensitive; `number`: the last number in the reply equals the answer."""
     if fact_match == "number":
         return answers_match(extract_final_answer(completion), answer)
-    target = normalize_answer(answer)
-    if not target:
-        return False
-    text = " ".join(completion.casefold().split())
-    return re.search(r"(?<!\w)" + re.escape(target) + r"(?!\w)", text) is not None
+    return phrase_in_text(answer, completion)
 
 
 def failure_kind(answer: str | None, completion: str, *, answer_format: str = FINAL_FORMAT,

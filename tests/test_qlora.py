@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import chat_rows, make_word_problems
+from nslora_plugin.data import make_word_problems
 from nslora_plugin.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
                                   resolve_model, settings_from_trl_config)
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, tiny_model
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, write_trl_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "trl" / "sft.py"
@@ -51,13 +50,7 @@ def test_recipe_qlora_run_with_nslora(tmp_path, tokenizer, monkeypatch):
     """`python recipes/trl/sft.py --load_in_4bit --use_peft --nslora ...`, run in this process."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tiny_model(tokenizer).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    rows = make_word_problems(40, seed=3)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in chat_rows(rows[:32], SYSTEM)))
-    (tmp_path / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    write_trl_workdir(tmp_path, tokenizer)
     out = tmp_path / "run"
     argv = ["--model_name_or_path", str(tmp_path / "tiny"), "--dataset_name", str(tmp_path / "data"),
             "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",

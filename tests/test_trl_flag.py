@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import NSLoRAConfig, NSLoRAConfigError, load_artifacts
-from nslora_plugin.data import chat_rows, make_word_problems
+from nslora_plugin.data import make_word_problems
 from nslora_plugin.integrations.trl import NSLoRAArguments, maybe_attach
 from nslora_plugin.integrations.trl import cli as trl_cli
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, tiny_model
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, write_trl_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "trl" / "sft.py"
@@ -58,16 +58,7 @@ def nslora_flags(probe: Path) -> list[str]:
 def workdir(tmp_path_factory, tokenizer):
     """A tiny model folder with the real tokenizer, a dataset folder (train.jsonl, messages rows)
     and a probe file."""
-    root = tmp_path_factory.mktemp("trl-flag")
-    model = tiny_model(tokenizer)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    rows = make_word_problems(40, seed=3)
-    (root / "data").mkdir()
-    (root / "data" / "train.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in chat_rows(rows[:32], SYSTEM)))
-    (root / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
-    return root
+    return write_trl_workdir(tmp_path_factory.mktemp("trl-flag"), tokenizer)
 
 
 def train_args(workdir: Path, out: Path, steps: int = 3) -> list[str]:

@@ -65,3 +65,21 @@ def capture_training_batches(trainer: Any, tokenizer: Any) -> list[tuple[int, st
 
     trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
+
+
+def write_trl_workdir(root: Path, tokenizer: Any) -> Path:
+    """What a TRL recipe run reads: a tiny model folder with the real tokenizer (`tiny/`), a
+    dataset folder of `messages` rows (`data/train.jsonl`, 32 word problems under SYSTEM) and a
+    probe file (`probe.jsonl`, 8 more)."""
+    import json
+
+    from nslora_plugin.data import chat_rows, make_word_problems
+
+    tiny_model(tokenizer).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rows = make_word_problems(40, seed=3)
+    (root / "data").mkdir()
+    (root / "data" / "train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in chat_rows(rows[:32], SYSTEM)))
+    (root / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    return root
