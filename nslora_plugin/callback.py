@@ -69,6 +69,7 @@ class NSLoRACallback(TrainerCallback):
         self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, output_dir=output,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
+        warn_cpu_precision(args)
         if getattr(args, "dataloader_num_workers", 0):
             log.warning("NSLoRA: dataloader_num_workers=%s — collation runs in worker processes that "
                         "do not see prompt edits; set it to 0 for edits to reach training",
@@ -157,6 +158,21 @@ class NSLoRACallback(TrainerCallback):
         self.summary = self.loop.finish(model, state.global_step)
         if state.is_world_process_zero:
             self.loop.artifacts.copy_into(args.output_dir)
+
+
+_precision_warned = False
+
+
+def warn_cpu_precision(args: Any) -> None:
+    """Warn once per process when the trainer's precision makes CPU steps emulated and slow
+    (the user's config is theirs to change; `training.cpu_precision_problem` says why)."""
+    global _precision_warned
+    from .training import cpu_precision_problem
+
+    problem = cpu_precision_problem(args)
+    if problem and not _precision_warned:
+        _precision_warned = True
+        log.warning("NSLoRA: %s", problem)
 
 
 def wrap_collate_fn(dataloader: Any, wrap: Any) -> Any:

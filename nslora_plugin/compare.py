@@ -396,36 +396,20 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
 
 def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer: Any, model: Any,
              arm_dir: Path) -> Any:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from .training import build_sft_trainer, sft_config
 
-    from .data import chat_rows
-
-    use_cpu = not torch.cuda.is_available()
-    sft_args = SFTConfig(
-        output_dir=str(arm_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=max(args.max_steps // 6, 1), save_strategy="no", report_to=[],
-        gradient_checkpointing=False, max_length=args.max_length, use_cpu=use_cpu, seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=sft_args,
-                         train_dataset=Dataset.from_list(chat_rows(task.train, cfg.system_prompt)),
-                         processing_class=tokenizer,
-                         peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                target_modules="all-linear", task_type="CAUSAL_LM"))
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the loop's own lines say what happens
-    return trainer
+    sft_args = sft_config(arm_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                          learning_rate=args.learning_rate, seed=args.seed, max_length=args.max_length,
+                          disable_tqdm=True)
+    # quiet: the loop's own lines say what happens
+    return build_sft_trainer(model, tokenizer, task.train, cfg.system_prompt, sft_args,
+                             lora_r=args.lora_r, quiet=True)
 
 
 def _load_model(model_path: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from .training import load_fp32_model
 
-    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    return load_fp32_model(model_path)
 
 
 def _examples(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

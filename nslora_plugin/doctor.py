@@ -453,6 +453,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--probe-prompt-len", type=int, default=None)
     p.add_argument("--probe-max-new-tokens", type=int, default=None)
     p.add_argument("--gpu-gib", type=float, default=None, help="card memory (default 24)")
+    p.add_argument("--use-cpu", action="store_true",
+                   help="the run trains on a CPU: check that its precision is not emulated there")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="the run's bf16 setting (default: the --config's, else TRL's default, true)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -485,8 +489,34 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"nslora doctor: error: {exc}")
         return 2
-    print(json.dumps(est.to_dict(), indent=2) if args.json else format_table(est))
+    note = cpu_precision_note(args)
+    if args.json:
+        print(json.dumps({**est.to_dict(), "cpu_precision": note}, indent=2))
+    else:
+        print(format_table(est))
+        if note:
+            print(f"\nCPU: {note}")
     return 0 if est.fits else 1
+
+
+def cpu_precision_note(args: argparse.Namespace) -> str | None:
+    """The CPU slow-precision warning for a run that trains on a CPU (`use_cpu` in the --config,
+    or --use-cpu), or None. TRL's `SFTConfig` defaults to bf16=True unless fp16 is set."""
+    import types
+
+    import yaml
+
+    from .training import cpu_precision_problem
+
+    cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    use_cpu = bool(args.use_cpu or cfg.get("use_cpu"))
+    fp16 = bool(cfg.get("fp16", False))
+    bf16 = cfg.get("bf16", not fp16)
+    if args.bf16 is not None:
+        bf16 = args.bf16
+    if isinstance(bf16, str):
+        bf16 = bf16.strip().lower() not in ("false", "0", "no", "off")
+    return cpu_precision_problem(types.SimpleNamespace(use_cpu=use_cpu, bf16=bool(bf16), fp16=fp16))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
