@@ -82,11 +82,14 @@ class NSLoRAConfig:
     cooldown_checks: int = 2
 
     # probe: held-out examples scored at each check (JSONL with `messages` or `question`/`answer`;
-    # None: given in code, or taken from the trainer's eval dataset), generation settings.
+    # None: given in code, or taken from the trainer's eval dataset), generation settings;
+    # probe_stop_at_answer ends a reply's generation at the first complete line that matches
+    # answer_format (when no length / JSON / exact-match reward needs the whole reply).
     probe_path: str | None = None
     probe_size: int = 16
     probe_max_new_tokens: int = 96
     probe_batch_size: int = 8
+    probe_stop_at_answer: bool = True
 
     # editor: which plugin proposes prompt edits first, and what runs when its candidate fails the
     # gate; endpoint of the editor LLM (any OpenAI-compatible server); the API key is read from the

@@ -11,6 +11,7 @@ The model is put in eval mode for the duration and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterator, Sequence
 
 from .config import NSLoRAConfig
@@ -102,9 +103,10 @@ class ProbeEvaluator:
                     chunk = texts[start:start + self.config.probe_batch_size]
                     enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                     enc = {k: v.to(device) for k, v in enc.items()}
+                    stop = answer_stopping_criteria(tok, self.config, enc["input_ids"].shape[1])
                     out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
                                          do_sample=False, pad_token_id=tok.pad_token_id,
-                                         use_cache=True)
+                                         use_cache=True, stopping_criteria=stop)
                     new_tokens = out[:, enc["input_ids"].shape[1]:]
                     outputs.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
         finally:
@@ -115,7 +117,6 @@ class ProbeEvaluator:
                       examples: Sequence[ProbeExample]) -> list[float]:
         """Mean NLL per reference token under the current prompt (no gradient)."""
         import torch
-        import torch.nn.functional as F
 
         tok = self.tokenizer
         device = _device_of(model)
@@ -131,23 +132,76 @@ class ProbeEvaluator:
         with eval_mode(model), torch.no_grad():
             for s in range(0, len(rows), self.config.probe_batch_size):
                 chunk = rows[s:s + self.config.probe_batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-                for i, (ids, start) in enumerate(chunk):
-                    input_ids[i, :len(ids)] = torch.tensor(ids)
-                    attention[i, :len(ids)] = 1
-                    labels[i, start:len(ids)] = torch.tensor(ids[start:])
-                out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
-                logits = out.logits[:, :-1].float()
-                target = labels[:, 1:].to(device)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=-100, reduction="none").view(target.shape)
-                mask = (target != -100).float()
-                per_row = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)
-                nlls.extend(float(v) for v in per_row.cpu())
+                nlls.extend(_chunk_nll(model, chunk, pad, device))
         return nlls
+
+
+def _chunk_nll(model: Any, chunk: Sequence[tuple[list[int], int]], pad: int, device: Any) -> list[float]:
+    """Mean reference-token NLL of each (ids, reference start) row, from one forward pass.
+
+    Rows are left-padded (explicit position ids keep each row's positions as if unpadded), so
+    every reference ends at the last column and only the last K logits are needed, K the longest
+    reference + 1 (`logits_to_keep`): the LM head, the costliest matmul of a small model,
+    projects the reference tokens only instead of prompt + reference."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(ids) for ids, _ in chunk)
+    keep = max(len(ids) - start for ids, start in chunk) + 1
+    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(chunk), width), dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    for i, (ids, start) in enumerate(chunk):
+        offset = width - len(ids)
+        input_ids[i, offset:] = torch.tensor(ids)
+        attention[i, offset:] = 1
+        labels[i, offset + start:] = torch.tensor(ids[start:])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                  position_ids=positions.to(device))
+    try:
+        logits = model(**kwargs, logits_to_keep=keep).logits
+    except TypeError:  # a model whose forward has no logits_to_keep: all positions
+        logits = model(**kwargs).logits
+    logits = logits[:, -keep:-1].float()
+    target = labels[:, width - keep + 1:].to(device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=-100, reduction="none").view(target.shape)
+    mask = (target != -100).float()
+    return [float(v) for v in ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()]
+
+
+def answer_stop_pattern(config: NSLoRAConfig) -> re.Pattern[str] | None:
+    """The pattern whose first complete matching line ends a probe reply, or None when the whole
+    reply matters: a length, JSON or exact-match reward scores all of it."""
+    if not (config.probe_stop_at_answer and config.answer_format):
+        return None
+    if config.max_reply_chars or config.reply_json or config.exact_match:
+        return None
+    return re.compile(config.answer_format, re.MULTILINE)
+
+
+def answer_stopping_criteria(tokenizer: Any, config: NSLoRAConfig, prompt_len: int) -> Any:
+    """A `StoppingCriteriaList` that finishes each row of a batched `generate` once its reply has
+    a complete line (followed by a newline) matching `answer_format`; None when not applicable.
+    End of turn still stops a row as before; rows that never state the answer run to
+    `probe_max_new_tokens`."""
+    pattern = answer_stop_pattern(config)
+    if pattern is None:
+        return None
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtAnswerLine(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = []
+            for row in input_ids[:, prompt_len:]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                complete = text[:text.rfind("\n")] if "\n" in text else ""
+                done.append(pattern.search(complete) is not None)
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopAtAnswerLine()])
 
 
 def _device_of(model: Any) -> Any:

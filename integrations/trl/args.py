@@ -68,6 +68,8 @@ _HELP: dict[str, str] = {
     "probe_size": "Probe examples scored at each check.",
     "probe_max_new_tokens": "Greedy tokens generated per probe example.",
     "probe_batch_size": "Probe examples per generation batch (bounds the probe's KV-cache memory).",
+    "probe_stop_at_answer": "End a probe reply at its first complete line matching answer_format "
+                            "(when no length/JSON/exact-match reward needs the whole reply).",
     "editor": "Which editor proposes prompt rewrites first.",
     "editor_fallback": "What runs when the editor's candidate fails the gate or the endpoint is down.",
     "editor_base_url": "OpenAI-compatible endpoint of the editor LLM (vLLM, Ollama, OpenAI, ...).",
