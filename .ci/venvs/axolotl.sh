@@ -12,6 +12,13 @@
 #      Axolotl does not bring (pluggy, textgrad, rich, pyyaml, openai, bitsandbytes), constrained by
 #      a freeze of the venv so they cannot move any of Axolotl's pins.
 #
+# Repeatable and fast: .ci/venvs/axolotl.lock.txt (next to this script) holds the exact versions of
+# a build that passed these checks; every pip step uses it as a constraint, so pip's resolver has
+# nothing to search (an open resolution of step 3 once backtracked for 7 minutes). Refresh it from
+# a fresh build with NSLORA_VENV_NO_LOCK=1:
+#   { head -1 .ci/venvs/axolotl.lock.txt; DEST/bin/python -m pip freeze --exclude-editable \
+#     | grep -v -i -e '^nslora-plugin' -e '^torch=='; } > new.lock && mv new.lock .ci/venvs/axolotl.lock.txt
+#
 # Idempotent: a finished venv carries a marker holding a fingerprint of this script and of
 # pyproject.toml; when it matches, the script only re-checks imports (about a second) and exits.
 # A half-built DEST (no marker) is resumed: pip skips what is already installed.
@@ -21,6 +28,7 @@
 #   NSLORA_TORCH_SPEC    torch requirement (default torch==2.13.0; CUDA users: their own build)
 #   NSLORA_AXOLOTL_SPEC  axolotl requirement (default axolotl==0.19.0)
 #   NSLORA_VENV_FORCE=1  rebuild the Python side even if the marker matches
+#   NSLORA_VENV_NO_LOCK=1 ignore the lock file (resolve afresh within Axolotl's pins)
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -35,10 +43,13 @@ MARKER="$DEST/.nslora-venv-complete"
 TORCH_SPEC="${NSLORA_TORCH_SPEC:-torch==2.13.0}"
 AXOLOTL_SPEC="${NSLORA_AXOLOTL_SPEC:-axolotl==0.19.0}"
 EXTRAS=(pluggy textgrad rich pyyaml openai bitsandbytes)
+LOCK="$REPO/.ci/venvs/axolotl.lock.txt"
+if [[ "${NSLORA_VENV_NO_LOCK:-0}" == 1 || ! -f "$LOCK" || "$AXOLOTL_SPEC" != "axolotl==0.19.0" ]]; then LOCK=""; fi
 
 fingerprint() {
   {
     cat "${BASH_SOURCE[0]}" "$REPO/pyproject.toml"
+    [[ -n "$LOCK" ]] && cat "$LOCK"
     echo "$TORCH_SPEC $AXOLOTL_SPEC"
   } | sha256sum | cut -d' ' -f1
 }
@@ -96,14 +107,17 @@ trap 'rm -rf "$WORK"' EXIT
 echo "[axolotl venv] 1/3 $TORCH_SPEC"
 pip_install "$TORCH_SPEC"
 
-echo "[axolotl venv] 2/3 $AXOLOTL_SPEC (constrained to the torch just installed)"
+echo "[axolotl venv] 2/3 $AXOLOTL_SPEC (constrained to the torch just installed${LOCK:+ and the lock file})"
 "${PIP[@]}" freeze | grep -iE '^torch==' >"$WORK/cons.txt"
+if [[ -n "$LOCK" ]]; then
+  grep -v -i -e '^torch==' -e '^#' "$LOCK" >>"$WORK/cons.txt"
+fi
 pip_install -c "$WORK/cons.txt" "$AXOLOTL_SPEC"
 
 echo "[axolotl venv] 3/3 nslora-plugin (editable, --no-deps) + ${EXTRAS[*]}"
 # Everything now in the venv is pinned, so our extras may only add packages, never move one.
 "${PIP[@]}" freeze --exclude-editable | grep -vE '^(-e |#)| @ ' >"$WORK/frozen.txt"
-pip_install -c "$WORK/frozen.txt" "${EXTRAS[@]}"
+pip_install -c "$WORK/frozen.txt" -c "$WORK/cons.txt" "${EXTRAS[@]}"
 pip_install --no-deps -e "$REPO"
 "${PIP[@]}" check || echo "[axolotl venv] note: pip check reports the issues above (pre-existing in axolotl's own pins)"
 
