@@ -37,7 +37,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--train-size", type=int, default=480)
     p.add_argument("--probe-size", type=int, default=16)
     p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the before/after numbers")
-    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--max-steps", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=8)
@@ -47,16 +47,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-editor-llm", action="store_true", help="only the deterministic constraint editor")
     p.add_argument("--config", default=None, help="YAML with NSLoRA settings that override the demo's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the plain-LoRA reference run (its column in the summary)")
     return p
 
 
 def demo_config(args: argparse.Namespace, output_dir: Path) -> NSLoRAConfig:
-    check_every = max(args.max_steps // 6, 1)
+    check_every = max(args.max_steps // 4, 1)
     settings: dict[str, Any] = dict(
         system_prompt=DEMO_SYSTEM_PROMPT, answer_format=DEMO_ANSWER_FORMAT,
         format_instruction=DEMO_FORMAT_INSTRUCTION, check_every=check_every, check_at_start=True,
         monitor_window=max(check_every // 2, 2), probe_size=args.probe_size,
-        probe_max_new_tokens=64, probe_batch_size=16, editor_batch_size=1, editor_max_tokens=200,
+        probe_max_new_tokens=48, probe_batch_size=16, editor_batch_size=1, editor_max_tokens=200,
         editor_timeout=90.0, max_symbolic_rounds=2, output_dir=str(output_dir / "nslora"),
         seed=args.seed, editor="constraint" if args.no_editor_llm else "textgrad",
         editor_base_url=args.editor_base_url, editor_model=args.editor_model)
@@ -121,12 +123,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer
 
-    from .data import chat_rows, load_probe_examples
+    from . import training
+    from .data import load_probe_examples
     from .integrations.trl import attach, save_artifacts
     from .models import ensure_default_model
     from .plugins import make_plugin_manager
@@ -135,15 +135,30 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     console.rule("[bold]nslora demo")
     model_path = Path(args.model) if args.model else ensure_default_model(log=lambda m: console.print(m, markup=False))
     console.print(f"model: {model_path}")
+    console.print(f"CPU: {training.cpu_model_name()}" if not torch.cuda.is_available()
+                  else f"GPU: {torch.cuda.get_device_name(0)}")
     train_rows, probe_rows, held_out_rows = load_rows(args)
     console.print(f"data: {len(train_rows)} training rows, {len(probe_rows)} probe, "
                   f"{len(held_out_rows)} held-out ({'file ' + args.data if args.data else 'generated word problems'})")
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    use_cpu = not torch.cuda.is_available()
-    if use_cpu:
+    if not torch.cuda.is_available():
         torch.set_num_threads(max(os.cpu_count() or 1, 1))
+
+    def sft_args(folder: Path, save: bool) -> Any:
+        return training.sft_config(
+            folder, max_steps=args.max_steps, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, seed=args.seed, max_length=256,
+            logging_steps=max(args.max_steps // 12, 1),
+            save_steps=max(args.max_steps // 2, 1) if save else None, disable_tqdm=True)
+
+    def new_trainer(folder: Path, prompt: str | None, save: bool) -> Any:
+        torch.manual_seed(args.seed)
+        trainer = training.build_sft_trainer(training.load_fp32_model(model_path), tokenizer,
+                                             train_rows, prompt, sft_args(folder, save),
+                                             lora_r=args.lora_r, quiet=True)
+        trainer.add_callback(training.step_progress(console, every=max(args.max_steps // 12, 1)))
+        return trainer
 
     with editor_endpoint(args, model_path, output_dir, console) as (base_url, editor_model):
         args.editor_base_url, args.editor_model = base_url, editor_model
@@ -151,24 +166,30 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         evaluator = ProbeEvaluator(tokenizer, load_probe_examples(held_out_rows), config,
                                    make_plugin_manager(config))
         console.print("held-out evaluation before training…")
-        held_before = evaluator.evaluate(model, config.system_prompt, step=0, version=0)
+        held_before = evaluator.evaluate(training.load_fp32_model(model_path), config.system_prompt,
+                                         step=0, version=0)
 
-        sft_args = SFTConfig(
-            output_dir=str(output_dir), max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-            lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(args.max_steps // 12, 1),
-            save_steps=max(args.max_steps // 2, 1), save_total_limit=2, report_to=[],
-            gradient_checkpointing=False, max_length=256, use_cpu=use_cpu, seed=args.seed,
-            dataloader_num_workers=0)
-        trainer = SFTTrainer(
-            model=model, args=sft_args,
-            train_dataset=Dataset.from_list(chat_rows(train_rows, config.system_prompt)),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                   target_modules="all-linear", task_type="CAUSAL_LM"))
+        reference: dict[str, Any] = {}
+        if not args.no_reference:
+            console.rule("plain LoRA (the reference: same data, steps and seed, no NSLoRA)")
+            t_ref = time.time()
+            plain = new_trainer(output_dir / "plain-lora", config.system_prompt, save=False)
+            plain.train()
+            train_seconds = time.time() - t_ref
+            console.print("held-out evaluation of plain LoRA…")
+            held_plain = evaluator.evaluate(plain.model, config.system_prompt, step=args.max_steps,
+                                            version=0)
+            reference = {"held_out": held_plain.summary(), "train_seconds": round(train_seconds, 1),
+                         "wall_seconds": round(time.time() - t_ref, 1)}
+            del plain
+
+        console.rule("NSLoRA")
+        t_ns = time.time()
+        trainer = new_trainer(output_dir, config.system_prompt, save=True)
         callback = attach(trainer, config, probe=probe_rows, console=console)
         console.print(f"training {args.max_steps} steps; NSLoRA checks every {config.check_every} steps")
         trainer.train()
+        ns_train_seconds = time.time() - t_ns
         final_dir = output_dir / "final"
         trainer.save_model(str(final_dir))
         save_artifacts(callback, final_dir)
@@ -177,11 +198,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         final_prompt = callback.loop.prompt_state.current
         held_after = evaluator.evaluate(trainer.model, final_prompt, step=args.max_steps,
                                         version=callback.loop.prompt_state.version)
+        ns_wall = time.time() - t_ns
 
     summary = dict(callback.summary)
     summary["held_out_before"] = held_before.summary()
     summary["held_out_after"] = held_after.summary()
+    summary["plain_lora"] = reference or None
+    summary["nslora_train_seconds"] = round(ns_train_seconds, 1)
+    summary["nslora_wall_seconds"] = round(ns_wall, 1)
     summary["final_adapter"] = str(final_dir)
+    summary["cpu"] = training.cpu_model_name()
     summary["demo_wall_seconds"] = round(time.time() - t0, 1)
     (output_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (final_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -192,19 +218,36 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def print_summary(console: Any, s: dict[str, Any]) -> None:
     from rich.table import Table
 
+    plain = (s.get("plain_lora") or {}).get("held_out") or None
     table = Table(title="NSLoRA demo: before → after")
     table.add_column("measure")
     table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    if plain is not None:
+        table.add_column("plain LoRA", justify="right")
+    table.add_column("NSLoRA", justify="right")
+
+    def cell(d: dict[str, Any] | None, key: str, digits: int = 2) -> str:
+        return "–" if not d or key not in d else f"{d[key]:.{digits}f}"
+
     for label, key in (("probe", "probe"), ("held-out", "held_out")):
         b, a = s.get(f"{key}_before") or {}, s.get(f"{key}_after") or {}
-        for metric, name in (("correctness", "accuracy"), ("format", "format compliance")):
+        p = plain if key == "held_out" else None
+        for metric, name, digits in (("correctness", "accuracy", 2), ("format", "format compliance", 2),
+                                     ("ref_nll", "reference NLL", 3)):
             if metric in b or metric in a:
-                table.add_row(f"{label} {name} (n={a.get('n', b.get('n'))})",
-                              f"{b.get(metric, float('nan')):.2f}", f"{a.get(metric, float('nan')):.2f}")
-        table.add_row(f"{label} reference NLL", f"{b.get('ref_nll', float('nan')):.3f}",
-                      f"{a.get('ref_nll', float('nan')):.3f}")
+                row = [f"{label} {name}" + (f" (n={a.get('n', b.get('n'))})" if metric != "ref_nll" else ""),
+                       cell(b, metric, digits)]
+                if plain is not None:
+                    row.append(cell(p, metric, digits))
+                row.append(cell(a, metric, digits))
+                table.add_row(*row)
+    if plain is not None:
+        table.add_row("training wall time (s)", "–", f"{s['plain_lora']['train_seconds']:.0f}",
+                      f"{s.get('nslora_train_seconds', float('nan')):.0f}")
     console.print(table)
+    if plain is not None:
+        console.print("plain LoRA trains on the same rows, steps and seed without NSLoRA; the "
+                      "NSLoRA column adds its probes, routing, prompt edits and prompts-as-data rows.")
     d = s.get("decisions", {})
     console.print(f"decisions: {d.get('numerical', 0)} numerical, {d.get('symbolic', 0)} symbolic; "
                   f"edits accepted {d.get('accepted', 0)}, rejected {d.get('rejected', 0)}; "

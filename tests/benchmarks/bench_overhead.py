@@ -16,6 +16,16 @@ that drift in machine load hits both alike.
     python tests/benchmarks/bench_overhead.py --reps 3 --steps 12 --json out.json
 
 Targets (issue 4): time ratio <= 1.03, memory ratio <= 1.05. Not a test: nothing is asserted.
+
+The whole overhead, at the demo's own cadence (`--cadence demo`): in one process, plain
+`SFTTrainer` and the same trainer with NSLoRA attached, configured exactly as `nslora demo`
+configures them (`demo.demo_config`: a check every steps/4, one before the first step, 16 probe
+rows x 48 new tokens, the gate, the editor and the artifacts all included), on the same rows,
+steps and seed. It prints where NSLoRA's time went (training, probe generation, reference NLL,
+editor calls, gate evaluations, artifacts) and, last, `wall-time ratio nslora/plain: X.XX`:
+
+    python tests/benchmarks/bench_overhead.py --cadence demo                     # constraint editor
+    python tests/benchmarks/bench_overhead.py --cadence demo --editor textgrad    # + the 135M editor LLM
 """
 
 from __future__ import annotations
@@ -169,6 +179,123 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_steps_mb": max(timer.rss) / 2**20, "rss_before_train_mb": rss_before / 2**20}
 
 
+# ------------------------------------------------------------------ the demo's cadence (one process)
+class Breakdown:
+    """Wall time per NSLoRA stage. A stage entered inside another is charged to the outer one
+    (the gate's probe evaluation is gate time; the TextGrad round's student replies are editor
+    time), so the parts add up to NSLoRA's total without double counting."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._active: str | None = None
+
+    def wrap(self, owner: Any, name: str, stage: str) -> None:
+        import functools
+
+        original = getattr(owner, name)
+        book = self
+
+        @functools.wraps(original)  # keeps pluggy's hookimpl marker and the signature
+        def timed(*a: Any, **k: Any) -> Any:
+            if book._active is not None:
+                return original(*a, **k)
+            book._active = stage
+            t = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                book.seconds[stage] = book.seconds.get(stage, 0.0) + time.perf_counter() - t
+                book.calls[stage] = book.calls.get(stage, 0) + 1
+                book._active = None
+        setattr(owner, name, timed)
+
+
+def cadence(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from nslora_plugin import training
+    from nslora_plugin.artifacts import ArtifactStore
+    from nslora_plugin.demo import DEMO_SYSTEM_PROMPT, build_parser, demo_config, editor_endpoint
+    from nslora_plugin.integrations.trl import attach
+    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.probe import ProbeEvaluator
+    from rich.console import Console
+
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_default_model(args.cache, prefer_hub=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    demo_args = build_parser().parse_args(["--max-steps", str(args.steps)]
+                                          + ([] if args.editor == "textgrad" else ["--no-editor-llm"]))
+    from nslora_plugin.demo import load_rows
+
+    train_rows, probe_rows, _ = load_rows(demo_args)
+    import tempfile
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nslora-bench-cadence-"))
+    console = Console(quiet=True)
+    book = Breakdown()
+    book.wrap(ProbeEvaluator, "generate", "probe generation")
+    book.wrap(ProbeEvaluator, "reference_nll", "reference NLL")
+    book.wrap(NeurosymbolicLoop, "gate", "gate (candidate probes)")
+    from nslora_plugin.editor.constraint_editor import ConstraintEditor
+    from nslora_plugin.editor.textgrad_editor import TextGradEditor
+
+    for editor in (ConstraintEditor, TextGradEditor):
+        book.wrap(editor, "nslora_propose_edit", "editor calls")
+    for method in ("append_jsonl", "write_json", "write_prompt", "write_augmented", "copy_into"):
+        book.wrap(ArtifactStore, method, "artifacts")
+
+    def run(variant: str, base_url: str | None, editor_model: str | None) -> tuple[float, Any]:
+        torch.manual_seed(demo_args.seed)
+        folder = workdir / f"{variant}-{time.time_ns()}"
+        sft_args = training.sft_config(folder, max_steps=demo_args.max_steps, batch_size=demo_args.batch_size,
+                                       learning_rate=demo_args.learning_rate, seed=demo_args.seed,
+                                       logging_steps=max(demo_args.max_steps // 12, 1), disable_tqdm=True)
+        trainer = training.build_sft_trainer(training.load_fp32_model(model_dir), tokenizer, train_rows,
+                                             DEMO_SYSTEM_PROMPT, sft_args, lora_r=demo_args.lora_r, quiet=True)
+        callback = None
+        if variant == "nslora":
+            demo_args.editor_base_url, demo_args.editor_model = base_url, editor_model
+            callback = attach(trainer, demo_config(demo_args, folder), probe=probe_rows, console=console)
+        t = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t, callback
+
+    with editor_endpoint(demo_args, model_dir, workdir, console) as (base_url, editor_model):
+        walls: dict[str, list[float]] = {"plain": [], "nslora": []}
+        summaries = []
+        for rep in range(args.reps):
+            for variant in ("plain", "nslora"):
+                before = dict(book.seconds)
+                wall, callback = run(variant, base_url, editor_model)
+                walls[variant].append(wall)
+                if callback is not None:
+                    spent = {k: v - before.get(k, 0.0) for k, v in book.seconds.items()}
+                    summaries.append((wall, spent, callback.summary.get("decisions", {})))
+                print(f"rep {rep + 1} {variant:6s}: {wall:.1f} s", flush=True)
+    plain = statistics.median(walls["plain"])
+    wall, spent, decisions = summaries[len(summaries) // 2]
+    nslora = statistics.median(walls["nslora"])
+    own = sum(spent.values())
+    every = demo_config(demo_args, workdir).check_every
+    print(f"\nCPU: {training.cpu_model_name()}; demo cadence: {demo_args.max_steps} steps, check every "
+          f"{every} + one at start, editor {args.editor}; decisions {decisions}")
+    print(f"plain SFTTrainer       {plain:8.1f} s")
+    print(f"SFTTrainer + NSLoRA    {nslora:8.1f} s, of which:")
+    print(f"  training             {wall - own:8.1f} s  ({(wall - own) / plain:.3f} of plain)")
+    for stage in ("probe generation", "reference NLL", "editor calls", "gate (candidate probes)", "artifacts"):
+        print(f"  {stage:<22} {spent.get(stage, 0.0):6.1f} s  ({book.calls.get(stage, 0) // max(args.reps, 1)} calls)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "cpu": training.cpu_model_name(), "steps": demo_args.max_steps, "editor": args.editor,
+            "plain_seconds": walls["plain"], "nslora_seconds": walls["nslora"], "breakdown": spent,
+            "decisions": decisions, "ratio": round(nslora / plain, 4)}, indent=2) + "\n")
+    print(f"wall-time ratio nslora/plain: {nslora / plain:.2f}")
+
+
 # ------------------------------------------------------------------ the comparison (parent)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,8 +308,19 @@ def main() -> None:
     p.add_argument("--cache", default=os.environ.get("NSLORA_CACHE", str(REPO / ".cache" / "nslora-test")))
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--cadence", choices=("none", "demo"), default="none",
+                   help="demo: the whole overhead at the demo's own cadence (see the docstring)")
+    p.add_argument("--editor", choices=("constraint", "textgrad"), default="constraint",
+                   help="with --cadence demo: the editor (textgrad starts the embedded editor LLM)")
     p.add_argument("--worker", dest="variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cadence == "demo":
+        if "--steps" not in sys.argv:
+            args.steps = 48  # the demo's default
+        if "--reps" not in sys.argv:
+            args.reps = 1
+        cadence(args)
+        return
 
     if args.variant:
         print(json.dumps(worker(args)))
