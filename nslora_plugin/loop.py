@@ -375,7 +375,11 @@ class NeurosymbolicLoop:
         if not self.is_main:
             return {}
         before = self.reports[0] if self.reports else None
-        after = self.evaluate(model, step=step)
+        last = self.reports[-1] if self.reports else None
+        if last is not None and last.step == step and last.prompt_version == self.prompt_state.version:
+            after = last  # a check at the last step already scored these weights under this prompt
+        else:
+            after = self.evaluate(model, step=step)
         summary = {
             "steps": step,
             "probe_before": before.summary() if before else None,

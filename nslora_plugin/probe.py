@@ -67,8 +67,7 @@ class ProbeEvaluator:
 
     # ---------------------------------------------------------------- public
     def evaluate(self, model: Any, prompt: str | None, *, step: int, version: int) -> ProbeReport:
-        completions = self.generate(model, prompt, [e.question for e in self.examples])
-        nlls = self.reference_nll(model, prompt, self.examples)
+        completions, nlls = self.generate_and_score(model, prompt, self.examples)
         release_cuda_cache(model)
         results = [self.score(e, c, nll) for e, c, nll in zip(self.examples, completions, nlls)]
         return ProbeReport(step=step, prompt_version=version, results=results)
@@ -87,31 +86,105 @@ class ProbeEvaluator:
 
     # ---------------------------------------------------------------- model calls
     def generate(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
+        """Greedy replies to `questions` under `prompt` (batched, left padding)."""
+        return [reply for chunk in self._generated_chunks(model, prompt, questions)
+                for reply in chunk[0]]
+
+    def generate_and_score(self, model: Any, prompt: str | None,
+                           examples: Sequence[ProbeExample]) -> tuple[list[str], list[float]]:
+        """Replies and reference NLLs in one pass per batch: the reference is scored on the KV
+        cache of the prompt that generation already built, so only its own tokens go through the
+        model (the prompt, most of each row, is not encoded twice). Falls back to a separate
+        full pass for a batch whose cache cannot be reused."""
+        replies: list[str] = []
+        nlls: list[float] = []
+        size = self.config.probe_batch_size
+        chunks = self._generated_chunks(model, prompt, [e.question for e in examples], keep_cache=True)
+        for i, (texts, enc, cache) in enumerate(chunks):
+            replies.extend(texts)
+            batch = examples[i * size:(i + 1) * size]
+            scored = self._nll_on_cache(model, prompt, batch, enc, cache)
+            nlls.extend(scored if scored is not None else self.reference_nll(model, prompt, batch))
+        return replies, nlls
+
+    def _generated_chunks(self, model: Any, prompt: str | None, questions: Sequence[str],
+                          keep_cache: bool = False) -> Iterator[tuple[list[str], Any, Any]]:
         import torch
 
         tok = self.tokenizer
         texts = [render(tok, chat_messages(prompt, q), generation_prompt=True) for q in questions]
-        outputs: list[str] = []
         old_side = tok.padding_side
-        tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         device = _device_of(model)
-        try:
+        for start in range(0, len(texts), self.config.probe_batch_size):
+            chunk = texts[start:start + self.config.probe_batch_size]
+            tok.padding_side = "left"
+            try:
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            finally:
+                tok.padding_side = old_side
+            enc = {k: v.to(device) for k, v in enc.items()}
+            stop = answer_stopping_criteria(tok, self.config, enc["input_ids"].shape[1])
             with eval_mode(model), torch.no_grad():
-                for start in range(0, len(texts), self.config.probe_batch_size):
-                    chunk = texts[start:start + self.config.probe_batch_size]
-                    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                    enc = {k: v.to(device) for k, v in enc.items()}
-                    stop = answer_stopping_criteria(tok, self.config, enc["input_ids"].shape[1])
-                    out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id,
-                                         use_cache=True, stopping_criteria=stop)
-                    new_tokens = out[:, enc["input_ids"].shape[1]:]
-                    outputs.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
-        finally:
-            tok.padding_side = old_side
-        return [o.strip() for o in outputs]
+                out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id,
+                                     use_cache=True, stopping_criteria=stop,
+                                     return_dict_in_generate=True)
+            new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+            replies = [o.strip() for o in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+            yield replies, enc, (getattr(out, "past_key_values", None) if keep_cache else None)
+
+    def _nll_on_cache(self, model: Any, prompt: str | None, examples: Sequence[ProbeExample],
+                      enc: dict[str, Any], cache: Any) -> list[float] | None:
+        """Reference NLLs continuing the (left-padded) prompt batch `enc` from its KV cache, or
+        None when that is not possible (no croppable cache, or a reference whose tokens do not
+        extend the prompt's tokens at the template boundary)."""
+        import torch
+        import torch.nn.functional as F
+
+        if cache is None or not hasattr(cache, "crop"):
+            return None
+        tok = self.tokenizer
+        width = enc["input_ids"].shape[1]
+        refs: list[list[int]] = []
+        for row, e in enumerate(examples):
+            prefix_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+            full = render(tok, chat_messages(prompt, e.question, e.reference), generation_prompt=False)
+            ids = tok(full, add_special_tokens=False)["input_ids"]
+            if ids[:len(prefix_ids)] != prefix_ids or len(ids) <= len(prefix_ids):
+                return None
+            refs.append(ids[len(prefix_ids):])
+        longest = max(len(r) for r in refs)
+        device = enc["input_ids"].device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Feed the prompt's last token again (its cache entry is cropped), then the reference:
+        # position j of the output predicts reference token j.
+        new_ids = torch.full((len(refs), 1 + longest), pad, dtype=torch.long, device=device)
+        new_mask = torch.zeros((len(refs), 1 + longest), dtype=torch.long, device=device)
+        labels = torch.full((len(refs), longest), -100, dtype=torch.long, device=device)
+        new_ids[:, 0] = enc["input_ids"][:, -1]
+        new_mask[:, 0] = 1
+        for i, r in enumerate(refs):
+            new_ids[i, 1:1 + len(r)] = torch.tensor(r, device=device)
+            new_mask[i, 1:1 + len(r)] = 1
+            labels[i, :len(r)] = torch.tensor(r, device=device)
+        lengths = enc["attention_mask"].sum(-1, keepdim=True)
+        positions = lengths - 1 + torch.arange(1 + longest, device=device).unsqueeze(0)
+        try:
+            # negative: drop that many trailing entries (generated tokens + the prompt's last)
+            cache.crop(-(cache.get_seq_length() - (width - 1)))
+            with eval_mode(model), torch.no_grad():
+                logits = model(input_ids=new_ids, position_ids=positions, **_cache_kwarg(model, cache),
+                               attention_mask=torch.cat([enc["attention_mask"], new_mask[:, 1:]], dim=1),
+                               use_cache=True).logits
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return None
+        logits = logits[:, :longest].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="none").view(labels.shape)
+        mask = (labels != -100).float()
+        return [float(v) for v in ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()]
 
     def reference_nll(self, model: Any, prompt: str | None,
                       examples: Sequence[ProbeExample]) -> list[float]:
@@ -134,6 +207,19 @@ class ProbeEvaluator:
                 chunk = rows[s:s + self.config.probe_batch_size]
                 nlls.extend(_chunk_nll(model, chunk, pad, device))
         return nlls
+
+
+def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
+    """transformers >= 5.2x names the forward's cache argument `cache` (`past_key_values` is
+    deprecated there); older releases only know `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        names = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        names = {}
+    return {"cache": cache} if "cache" in names else {"past_key_values": cache}
 
 
 def _chunk_nll(model: Any, chunk: Sequence[tuple[list[int], int]], pad: int, device: Any) -> list[float]:

@@ -89,3 +89,21 @@ def test_stopped_replies_are_prefixes_and_end_at_the_answer_line(tokenizer):
     assert plain_text.startswith("Answer: 7\nmore"), plain_text
     assert plain_text.startswith(stopped_text)
     assert stopped_text.rstrip() == "Answer: 7" and len(stopped_text) < len(plain_text)
+
+
+def test_nll_scored_on_the_generation_cache_equals_a_separate_pass(tokenizer):
+    """The probe scores references on the KV cache generation built: same numbers as a full pass."""
+    model = tiny_model(tokenizer, seed=4)
+    cfg = NSLoRAConfig(probe_batch_size=4, probe_max_new_tokens=6)
+    ev, examples = _evaluator(tokenizer, cfg)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the cache path fell back to a separate full pass")
+
+    ev.reference_nll = no_fallback
+    replies, shared = ev.generate_and_score(model, SYSTEM, examples)
+    del ev.reference_nll
+    separate = ev.reference_nll(model, SYSTEM, examples)
+    assert replies == ev.generate(model, SYSTEM, [e.question for e in examples])
+    assert len(shared) == 6
+    assert torch.allclose(torch.tensor(shared), torch.tensor(separate), atol=1e-4), (shared, separate)
