@@ -133,7 +133,9 @@ class ProbeEvaluator:
                                      return_dict_in_generate=True)
             new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
             replies = [o.strip() for o in tok.batch_decode(new_tokens, skip_special_tokens=True)]
-            yield replies, enc, (getattr(out, "past_key_values", None) if keep_cache else None)
+            # transformers >= 5.2x calls the output's cache `cache`, older releases `past_key_values`
+            cache = next((out[k] for k in ("cache", "past_key_values") if k in out), None)
+            yield replies, enc, (cache if keep_cache else None)
 
     def _nll_on_cache(self, model: Any, prompt: str | None, examples: Sequence[ProbeExample],
                       enc: dict[str, Any], cache: Any) -> list[float] | None:

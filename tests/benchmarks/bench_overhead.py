@@ -181,14 +181,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the demo's cadence (one process)
 class Breakdown:
-    """Wall time per NSLoRA stage. A stage entered inside another is charged to the outer one
-    (the gate's probe evaluation is gate time; the TextGrad round's student replies are editor
-    time), so the parts add up to NSLoRA's total without double counting."""
+    """Wall time per NSLoRA stage, exclusive: a stage entered inside another is charged to the
+    inner one and taken out of the outer one (the gate's own bookkeeping vs the probe it runs), so
+    the parts add up to NSLoRA's total without double counting. `inclusive` keeps the totals."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.inclusive: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._active: str | None = None
+        self._stack: list[list[float]] = []  # per active stage: [time spent in nested stages]
 
     def wrap(self, owner: Any, name: str, stage: str) -> None:
         import functools
@@ -198,16 +199,18 @@ class Breakdown:
 
         @functools.wraps(original)  # keeps pluggy's hookimpl marker and the signature
         def timed(*a: Any, **k: Any) -> Any:
-            if book._active is not None:
-                return original(*a, **k)
-            book._active = stage
+            book._stack.append([0.0])
             t = time.perf_counter()
             try:
                 return original(*a, **k)
             finally:
-                book.seconds[stage] = book.seconds.get(stage, 0.0) + time.perf_counter() - t
+                elapsed = time.perf_counter() - t
+                nested = book._stack.pop()[0]
+                if book._stack:
+                    book._stack[-1][0] += elapsed
+                book.seconds[stage] = book.seconds.get(stage, 0.0) + elapsed - nested
+                book.inclusive[stage] = book.inclusive.get(stage, 0.0) + elapsed
                 book.calls[stage] = book.calls.get(stage, 0) + 1
-                book._active = None
         setattr(owner, name, timed)
 
 
@@ -237,9 +240,11 @@ def cadence(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nslora-bench-cadence-"))
     console = Console(quiet=True)
     book = Breakdown()
+    book.wrap(ProbeEvaluator, "generate_and_score", "probe generation")
     book.wrap(ProbeEvaluator, "generate", "probe generation")
+    book.wrap(ProbeEvaluator, "_nll_on_cache", "reference NLL")
     book.wrap(ProbeEvaluator, "reference_nll", "reference NLL")
-    book.wrap(NeurosymbolicLoop, "gate", "gate (candidate probes)")
+    book.wrap(NeurosymbolicLoop, "gate", "gate")
     from nslora_plugin.editor.constraint_editor import ConstraintEditor
     from nslora_plugin.editor.textgrad_editor import TextGradEditor
 
@@ -247,6 +252,8 @@ def cadence(args: argparse.Namespace) -> None:
         book.wrap(editor, "nslora_propose_edit", "editor calls")
     for method in ("append_jsonl", "write_json", "write_prompt", "write_augmented", "copy_into"):
         book.wrap(ArtifactStore, method, "artifacts")
+
+    tokens: dict[str, list[int]] = {"plain": [], "nslora": []}
 
     def run(variant: str, base_url: str | None, editor_model: str | None) -> tuple[float, Any]:
         torch.manual_seed(demo_args.seed)
@@ -260,6 +267,12 @@ def cadence(args: argparse.Namespace) -> None:
         if variant == "nslora":
             demo_args.editor_base_url, demo_args.editor_model = base_url, editor_model
             callback = attach(trainer, demo_config(demo_args, folder), probe=probe_rows, console=console)
+
+        def count(module: Any, a: Any, k: Any) -> None:
+            if module.training and k.get("input_ids") is not None:
+                tokens[variant].append(int(k["attention_mask"].sum()) if k.get("attention_mask") is not None
+                                       else int(k["input_ids"].numel()))
+        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
         t = time.perf_counter()
         trainer.train()
         return time.perf_counter() - t, callback
@@ -285,13 +298,19 @@ def cadence(args: argparse.Namespace) -> None:
           f"{every} + one at start, editor {args.editor}; decisions {decisions}")
     print(f"plain SFTTrainer       {plain:8.1f} s")
     print(f"SFTTrainer + NSLoRA    {nslora:8.1f} s, of which:")
-    print(f"  training             {wall - own:8.1f} s  ({(wall - own) / plain:.3f} of plain)")
-    for stage in ("probe generation", "reference NLL", "editor calls", "gate (candidate probes)", "artifacts"):
-        print(f"  {stage:<22} {spent.get(stage, 0.0):6.1f} s  ({book.calls.get(stage, 0) // max(args.reps, 1)} calls)")
+    tok_ratio = (sum(tokens["nslora"]) / max(len(tokens["nslora"]), 1)) / \
+        max(sum(tokens["plain"]) / max(len(tokens["plain"]), 1), 1)
+    print(f"  training             {wall - own:8.1f} s  ({(wall - own) / plain:.3f} of plain; its batches "
+          f"carry {tok_ratio:.3f}x the tokens: the accepted prompt and prompts-as-data rows)")
+    for stage in ("probe generation", "reference NLL", "editor calls", "gate", "artifacts"):
+        print(f"  {stage:<20} {spent.get(stage, 0.0):8.1f} s  ({book.calls.get(stage, 0) // max(args.reps, 1)} calls)")
+    print(f"  (the gate's candidate probes inside: {book.inclusive.get('gate', 0.0) / max(args.reps, 1):.1f} s "
+          f"inclusive, counted above as generation and NLL)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "cpu": training.cpu_model_name(), "steps": demo_args.max_steps, "editor": args.editor,
             "plain_seconds": walls["plain"], "nslora_seconds": walls["nslora"], "breakdown": spent,
+            "tokens_per_batch_ratio": round(tok_ratio, 4),
             "decisions": decisions, "ratio": round(nslora / plain, 4)}, indent=2) + "\n")
     print(f"wall-time ratio nslora/plain: {nslora / plain:.2f}")
 
