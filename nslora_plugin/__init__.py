@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
 
         return NSLoRACallback
     if name == "attach":
-        from .integrations.trl import attach
+        from .callback import attach
 
         return attach
     raise AttributeError(f"module 'nslora_plugin' has no attribute {name!r}")

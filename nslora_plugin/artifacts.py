@@ -16,6 +16,8 @@ adapter and its prompt always travel together.
 
 from __future__ import annotations
 
+from .util import read_jsonl_tolerant
+
 import json
 import os
 import shutil
@@ -123,20 +125,6 @@ def find_artifact_dir(path: str | Path) -> Path:
         "output folder, a checkpoint-N folder or the final adapter folder")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line after a hard kill
-                continue
-    return rows
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -150,10 +138,10 @@ def load_artifacts(path: str | Path) -> NSLoRAArtifacts:
         system_prompt=prompt.get("system_prompt"),
         prompt_version=int(prompt.get("version", 0)),
         initial_system_prompt=prompt.get("initial_system_prompt"),
-        prompt_history=_read_jsonl(root / "prompt_history.jsonl"),
-        decisions=_read_jsonl(root / "decisions.jsonl"),
-        probe_reports=_read_jsonl(root / "probe_reports.jsonl"),
-        augmented_rows=_read_jsonl(root / "augmented.jsonl"),
+        prompt_history=read_jsonl_tolerant(root / "prompt_history.jsonl"),
+        decisions=read_jsonl_tolerant(root / "decisions.jsonl"),
+        probe_reports=read_jsonl_tolerant(root / "probe_reports.jsonl"),
+        augmented_rows=read_jsonl_tolerant(root / "augmented.jsonl"),
         config=_read_json(root / "config.json"),
         summary=_read_json(root / "summary.json"),
         state=_read_json(root / "state.json"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from typing import Any, Iterable
 
+from .chat import chat_messages
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
 from .rewards import format_compliant
@@ -51,8 +52,7 @@ class PromptsAsData:
             if not config.answer_format or format_compliant(example.reference, config.answer_format):
                 replies.append(("reference", example.reference))
             for source, reply in replies:
-                rows.append({"messages": [{"role": "user", "content": example.question},
-                                          {"role": "assistant", "content": reply}],
+                rows.append({"messages": chat_messages(None, example.question, reply),
                              "source": source, "example_id": example.id,
                              "prompt_version": report.prompt_version})
         return rows

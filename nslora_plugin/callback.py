@@ -185,3 +185,40 @@ def wrap_collate_fn(dataloader: Any, wrap: Any) -> Any:
     wrapped = wrap(inner.collate_fn)
     inner.collate_fn = wrapped
     return wrapped
+
+
+def attach(trainer: Any, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
+           plugins: Sequence[Any] = (), console: Any = None) -> NSLoRACallback:
+    """Add NSLoRA to an already-built `transformers.Trainer` (TRL's `SFTTrainer`, Axolotl's and
+    LLaMA-Factory's trainers alike) and return its callback.
+
+    The callback is put first in the trainer's callback list so that the `nslora/*` metrics it
+    adds to each log reach the `report_to` integrations. If `probe` is None and the config has no
+    `probe_path`, the trainer's raw eval dataset is used when it still has text columns.
+    """
+    cfg = config if isinstance(config, NSLoRAConfig) else (
+        NSLoRAConfig.from_yaml(config) if isinstance(config, (str, Path))
+        else NSLoRAConfig.from_dict(config or {}))
+    if probe is None and cfg.probe_path is None:
+        probe = _raw_eval_rows(trainer)
+    callback = NSLoRACallback(cfg, probe=probe, tokenizer=getattr(trainer, "processing_class", None),
+                              plugins=plugins, console=console)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+def save_artifacts(callback: NSLoRACallback, folder: str | Path) -> Path:
+    """Copy the run's artifacts next to an adapter saved elsewhere (`trainer.save_model(folder)`)."""
+    if callback.loop is None:
+        raise RuntimeError("NSLoRA has not run yet: call trainer.train() first")
+    return callback.loop.artifacts.copy_into(folder)
+
+
+def _raw_eval_rows(trainer: Any) -> Any:
+    data = getattr(trainer, "eval_dataset", None)
+    if data is None or not hasattr(data, "column_names"):
+        return None
+    columns = set(data.column_names)
+    if {"messages"} <= columns or {"question", "answer"} <= columns or {"prompt", "completion"} <= columns:
+        return data
+    return None

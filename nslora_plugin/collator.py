@@ -25,7 +25,7 @@ import random
 import threading
 from typing import Any, Callable, Sequence
 
-from .probe import chat_messages, render
+from .chat import chat_messages, render
 from .prompt_state import PromptState
 
 log = logging.getLogger("nslora")
@@ -112,7 +112,6 @@ class NSLoRACollator:
         self._span_cache: dict[str, list[int]] = {}
         self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0,
                       "kept_initial": 0, "batches": 0}
-        self.last_prompt_version = 0
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- data in
@@ -129,7 +128,6 @@ class NSLoRACollator:
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         prompt, version = self.prompt_state.snapshot()
         initial = self.prompt_state.initial
-        self.last_prompt_version = version
         self.stats["batches"] += 1
         if features and "seq_lengths" in features[0]:
             self._warn_once("packing", "packed / padding-free batches: prompt edits cannot be spliced "

@@ -26,6 +26,8 @@ completion, recorded by a decision listener at the moment of the check).
 
 from __future__ import annotations
 
+from .util import read_jsonl_tolerant
+
 import argparse
 import json
 import os
@@ -110,8 +112,7 @@ class GroundTruthRecorder:
 
 class NumericalOnlyRoute:
     """The numerical-only arm's router: keep training LoRA at every check (the classifier still
-    labels each failure; its labels are logged). Equivalent to `editor="none"`, which the config
-    cannot take as a string today (it is read as None)."""
+    labels each failure, and its labels are logged, which `editor: "none"` would not give)."""
 
     @hookimpl(tryfirst=True)
     def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
@@ -350,7 +351,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         final_model, final_prompt = model, loop.prompt_state.current
         train_steps = 0
     else:
-        from .integrations.trl import attach
+        from .callback import attach
 
         trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir)
         callback = attach(trainer, cfg, probe=task.probe, plugins=plugins, console=console)
@@ -370,7 +371,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     (arm_dir / "held_out.jsonl").write_text("".join(
         json.dumps({**r.to_dict(), "kind": task.failure_kind(held[r.example_id].answer, r.completion)},
                    ensure_ascii=False) + "\n" for r in report.results))
-    decisions = _read_jsonl(Path(cfg.output_dir) / "decisions.jsonl")
+    decisions = read_jsonl_tolerant(Path(cfg.output_dir) / "decisions.jsonl")
     edits = [d for d in decisions if d.get("kind") == "edit"]
     usage = summary.get("editor_usage") or {}
     out = {
@@ -550,11 +551,18 @@ def _command() -> str:
 def _write(result: dict[str, Any], args: argparse.Namespace, output_dir: Path) -> Path:
     path = Path(args.json) if args.json else output_dir / "compare.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
+    path.write_text(portable_paths(json.dumps(result, indent=2, ensure_ascii=False, default=str)) + "\n")
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def portable_paths(text: str) -> str:
+    """Results files are meant to be committed and shared: the model cache, the working folder and
+    the home folder are written as `<nslora-cache>`, `.` and `~` instead of this machine's paths."""
+    from .models import default_cache_dir
+
+    for folder, name in ((default_cache_dir(), "<nslora-cache>"), (Path.cwd(), "."), (Path.home(), "~")):
+        prefix = str(folder.resolve()) if folder.exists() else str(folder)
+        if len(prefix) > 1:
+            text = text.replace(prefix + "/", name + "/").replace(f'"{prefix}"', f'"{name}"')
+    return text
+

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .util import parse_bool
+
 __all__ = ["NSLoRAConfig", "NSLoRAConfigError"]
 
 EDITORS = ("textgrad", "constraint", "none")
@@ -351,21 +353,16 @@ def _field_kind(f: dataclasses.Field) -> str:
     return "any"
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
 def _coerce(name: str, value: Any, kind: str) -> Any:
     if value is None or kind in ("any", "list"):
         return value
     if isinstance(value, str) and value.strip().lower() in {"none", "null"}:
         return None
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        _fail(name, value, "true or false")
+        parsed = parse_bool(value)
+        if parsed is None:
+            _fail(name, value, "true or false")
+        return parsed
     if kind == "int":
         if isinstance(value, bool):
             _fail(name, value, "an integer")

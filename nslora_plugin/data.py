@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .chat import chat_messages
 from .rewards import extract_final_answer
 from .types import ProbeExample
 
@@ -80,17 +81,18 @@ def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0) ->
     return examples
 
 
-def to_messages(question: str, reply: str, system_prompt: str | None) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    return messages + [{"role": "user", "content": question},
-                       {"role": "assistant", "content": reply}]
+
+def split_gsm8k(answer: str) -> tuple[str, str]:
+    """(worked solution without calculator annotations, final answer as written) of a GSM8K
+    answer `... #### n`."""
+    body, _, final = answer.partition("####")
+    return re.sub(r"<<[^>]*>>", "", body).strip(), final.strip()
 
 
 def gsm8k_reference(answer: str, answer_line: str = "Answer: {n}") -> str:
     """A GSM8K answer with calculator annotations removed and the final line rewritten."""
-    body, _, final = answer.partition("####")
-    body = re.sub(r"<<[^>]*>>", "", body).strip()
-    return f"{body}\n{answer_line.format(n=final.strip())}"
+    body, final = split_gsm8k(answer)
+    return f"{body}\n{answer_line.format(n=final)}"
 
 
 # ------------------------------------------------------------------ arithmetic word problems
@@ -144,5 +146,5 @@ def chat_rows(rows: Iterable[dict[str, Any]], system_prompt: str | None) -> list
     out = []
     for i, row in enumerate(rows):
         ex = row_to_example(row, i)
-        out.append({"messages": to_messages(ex.question, ex.reference, system_prompt)})
+        out.append({"messages": chat_messages(system_prompt, ex.question, ex.reference)})
     return out

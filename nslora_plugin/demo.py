@@ -69,7 +69,7 @@ def demo_config(args: argparse.Namespace, output_dir: Path) -> NSLoRAConfig:
 
 
 def load_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
-    from .data import gsm8k_reference, make_word_problems, read_jsonl
+    from .data import gsm8k_reference, make_word_problems, read_jsonl, split_gsm8k
 
     n = args.train_size + args.probe_size + args.eval_size
     if args.data:
@@ -80,7 +80,7 @@ def load_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[di
         rows = rows[:n]
         for r in rows:
             if "####" in str(r.get("answer", "")):
-                final = str(r["answer"]).split("####")[-1].strip()
+                final = split_gsm8k(str(r["answer"]))[1]
                 r["answer"] = gsm8k_reference(str(r["answer"]))
                 r["final_answer"] = final.replace(",", "")
     else:
@@ -127,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from . import training
     from .data import load_probe_examples
-    from .integrations.trl import attach, save_artifacts
+    from .callback import attach, save_artifacts
     from .models import ensure_default_model
     from .plugins import make_plugin_manager
     from .probe import ProbeEvaluator

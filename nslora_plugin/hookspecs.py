@@ -7,7 +7,8 @@ third-party plugin can add to or replace any stage. Register one in your package
     [project.entry-points.nslora]
     my_rewards = "my_package.nslora_rewards"
 
-or in code with `run.plugin_manager.register(obj)`. Hooks are always called with keyword
+or in code with `attach(trainer, config, plugins=[obj])` (or `NSLoRACallback(..., plugins=[obj])`,
+or the `plugins` config key with dotted paths). Hooks are always called with keyword
 arguments; an implementation may accept any subset of them (pluggy passes only what it names).
 Set `NSLORA_DISABLE_PLUGIN_AUTOLOAD=1` to skip entry-point discovery.
 

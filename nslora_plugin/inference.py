@@ -191,10 +191,9 @@ def generate(model: Any, tokenizer: Any, question: str, *, system_prompt: str | 
     the chat template's default — after `load_for_inference`, the optimized prompt — is used."""
     import torch
 
-    messages = [{"role": "user", "content": question}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .chat import chat_messages, render
+
+    text = render(tokenizer, chat_messages(system_prompt, question), generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     try:
         device = next(model.parameters()).device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,15 +22,11 @@ from .probe import ProbeEvaluator
 from .prompt_state import PromptCandidate, PromptState
 from .rewards import format_compliant
 from .router import record_symbolic_outcome
+from .util import ROLE_MARKERS, redact
 from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
                     RouteDecision)
 
 log = logging.getLogger("nslora")
-
-# Text that could break the chat template if it ended up inside a system prompt.
-_ROLE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
-                 "<|end_header_id|>", "[INST]", "[/INST]", "<s>", "</s>")
-
 
 class NeurosymbolicLoop:
     def __init__(self, config: NSLoRAConfig, tokenizer: Any, probe: Sequence[ProbeExample], *,
@@ -141,9 +136,7 @@ class NeurosymbolicLoop:
         self.restored_usage = dict(st.get("usage", {}))
         plugin = self.pm.get_plugin("nslora.editor.textgrad")
         if plugin is not None and self.restored_usage:
-            for key, value in self.restored_usage.items():
-                if hasattr(plugin.usage, key):
-                    setattr(plugin.usage, key, value)
+            plugin.usage.load(self.restored_usage)
         if self.collator is not None:
             self.collator.replace_augmented(self.augmented)
         if self.is_main and arts.root.resolve() != self.artifacts.root.resolve():
@@ -283,7 +276,7 @@ class NeurosymbolicLoop:
         """Clean a candidate; return (prompt, None) or (None, why it cannot be used)."""
         if not isinstance(text, str) or not text.strip():
             return None, "empty candidate"
-        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or []) | set(_ROLE_MARKERS)
+        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or []) | set(ROLE_MARKERS)
         cleaned = text
         for marker in sorted(specials, key=len, reverse=True):
             if marker and marker in cleaned:
@@ -424,11 +417,3 @@ def _short(exc: BaseException | str, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
     text = " ".join(text.split())
     return redact(text[:limit])
-
-
-def redact(text: str) -> str:
-    """Remove any environment secret that a message might echo (e.g. a key in a URL)."""
-    for name, value in os.environ.items():
-        if value and len(value) >= 8 and any(w in name.upper() for w in ("KEY", "TOKEN", "SECRET")):
-            text = text.replace(value, "***")
-    return text

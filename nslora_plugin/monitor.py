@@ -25,7 +25,6 @@ class SignalMonitor:
         self.losses: deque[float] = deque(maxlen=2 * self.window)
         self.grad_norms: deque[float] = deque(maxlen=self.window)
         self._pending: list[float] = []
-        self.flat_checks = 0
 
     # ---------------------------------------------------------------- recording
     def record_micro_loss(self, loss: float) -> None:
@@ -43,10 +42,6 @@ class SignalMonitor:
             self._pending.clear()
 
     # ---------------------------------------------------------------- reading
-    @property
-    def last_loss(self) -> float | None:
-        return self.losses[-1] if self.losses else None
-
     def c1(self) -> float | None:
         if len(self.losses) < 2 * self.window:
             return None
@@ -59,7 +54,7 @@ class SignalMonitor:
         return sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
 
     def signal(self, step: int) -> TrainingSignal:
-        """The signal at a check; also advances the saturation counter used by the router."""
+        """The signal at a check (the router counts saturated checks itself)."""
         c1, c2 = self.c1(), self.c2()
         loss_flat = c1 is not None and abs(c1) < self.config.loss_change_threshold
         grad_small = c2 is not None and c2 < self.config.grad_norm_threshold
@@ -70,13 +65,11 @@ class SignalMonitor:
 
     # ---------------------------------------------------------------- resume
     def state(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms),
-                "flat_checks": self.flat_checks}
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.losses.extend(state.get("losses", []))
         self.grad_norms.extend(state.get("grad_norms", []))
-        self.flat_checks = int(state.get("flat_checks", 0))
 
 
 def trainable_grad_norm(model: Any) -> float | None:

@@ -4,13 +4,13 @@ the `nslora` entry-point group (opt out with NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any, Iterable
 
 import pluggy
 
 from . import hookspecs
 from .config import NSLoRAConfig
+from .util import env_flag
 
 AUTOLOAD_OPT_OUT = "NSLORA_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -55,7 +55,7 @@ def make_plugin_manager(config: NSLoRAConfig, extra: Iterable[Any] = ()) -> plug
         pm.register(load_object(dotted), name=f"config:{dotted}")
     for plugin in extra:
         pm.register(plugin)
-    if os.environ.get(AUTOLOAD_OPT_OUT, "").strip().lower() not in {"1", "true", "yes"}:
+    if not env_flag(AUTOLOAD_OPT_OUT):
         pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     pm.check_pending()
     return pm

@@ -14,24 +14,10 @@ import contextlib
 import re
 from typing import Any, Iterator, Sequence
 
+from .chat import chat_messages, render
 from .config import NSLoRAConfig
 from .rewards import answer_in_reply
 from .types import ProbeExample, ProbeReport, ProbeResult
-
-
-def chat_messages(prompt: str | None, question: str, answer: str | None = None) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
-    if prompt is not None:
-        messages.append({"role": "system", "content": prompt})
-    messages.append({"role": "user", "content": question})
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
-def render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
 
 
 def release_cuda_cache(model: Any) -> None:

@@ -50,12 +50,6 @@ class PromptState:
                 self.current = candidate.prompt
             self.history.append(candidate)
 
-    def set_initial(self, prompt: str) -> None:
-        """Fix the initial prompt once it is known (detected from data or the chat template)."""
-        with self._lock:
-            self.initial = self.current = prompt
-            self.history[0].prompt = prompt
-
     # ---------------------------------------------------------------- resume
     def state(self) -> dict[str, Any]:
         with self._lock:

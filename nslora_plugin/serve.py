@@ -40,6 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from .util import free_port
+
 __all__ = ["EditorServer", "free_port"]
 
 
@@ -60,18 +62,6 @@ sys.argv = ["transformers", *sys.argv[1:]]
 from transformers.cli.transformers import main
 main()
 """
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the OS for a currently unused TCP port on ``host``.
-
-    The port is released before returning, so another process could take it in between; on a
-    loopback interface used by one test run that race is negligible.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_is_free(host: str, port: int) -> bool:

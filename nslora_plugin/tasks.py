@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .data import split_gsm8k
 from .rewards import (
     answers_match,
     extract_final_answer,
@@ -253,12 +254,6 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
 
 
 # ------------------------------------------------------------------ GSM8K / JSONL
-def _strip_gsm8k(answer: str) -> tuple[str, str]:
-    body, _, final = answer.partition("####")
-    body = re.sub(r"<<[^>]*>>", "", body).strip()
-    return body, final.strip().replace(",", "")
-
-
 def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 16,
                     held_out_size: int = 64, seed: int = 0, name: str | None = None) -> Task:
     """A task from a JSONL file of `question`/`answer` rows (GSM8K's `#### n` answers are
@@ -279,7 +274,8 @@ def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 1
             raise ValueError(f"{path}: row {i} needs 'question' and 'answer' (keys: {sorted(r)})")
         answer = str(r["answer"])
         if "####" in answer:
-            body, final = _strip_gsm8k(answer)
+            body, final = split_gsm8k(answer)
+            final = final.replace(",", "")
         else:
             body = answer.strip()
             final = str(r.get("final_answer") or extract_final_answer(body) or "").strip()

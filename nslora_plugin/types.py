@@ -151,6 +151,6 @@ class EditOutcome(_Serializable):
 class DecisionRecord(_Serializable):
     """What `nslora_on_decision` receives: a routing decision or an edit verdict."""
 
-    kind: Literal["route", "edit", "fault", "start", "end"]
+    kind: Literal["route", "edit", "fault", "start", "end", "resume", "question_edits"]
     step: int
     payload: dict[str, Any]

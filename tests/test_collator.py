@@ -6,7 +6,7 @@ import pytest
 
 from nslora_plugin.collator import (NSLoRACollator, find_subsequence, prompt_span_ids,
                                     template_default_system_prompt)
-from nslora_plugin.probe import chat_messages, render
+from nslora_plugin.chat import chat_messages, render
 from nslora_plugin.prompt_state import PromptCandidate, PromptState
 
 from tiny import SYSTEM, load_tokenizer

@@ -35,7 +35,7 @@ def test_reference_nll_matches_the_plain_full_logits_loss(tokenizer):
     ev, examples = _evaluator(tokenizer, NSLoRAConfig(probe_batch_size=4))
     got = ev.reference_nll(model, SYSTEM, examples[:1])[0]
     e = examples[0]
-    from nslora_plugin.probe import chat_messages, render
+    from nslora_plugin.chat import chat_messages, render
 
     prefix = render(tokenizer, chat_messages(SYSTEM, e.question), generation_prompt=True)
     full = render(tokenizer, chat_messages(SYSTEM, e.question, e.reference), generation_prompt=False)

@@ -84,8 +84,8 @@ class NSLoRAPlugin(_Base):  # type: ignore[misc,valid-type]
         tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
         world = int(getattr(getattr(trainer, "args", None), "world_size", 1) or 1)
         if world > 1:
-            log.warning("NSLoRA: %d processes — checks and prompt edits run on rank 0 only and are "
-                        "not yet shared with the other ranks' batches; use one GPU for now", world)
+            log.info("NSLoRA: %d processes — rank 0 probes and calls the editor; every rank adopts "
+                     "its prompt and augmented rows at the same step", world)
         callback = NSLoRACallback(config, tokenizer=tokenizer, console=_AxolotlConsole())
         callbacks = trainer.callback_handler.callbacks
         # Idempotent: a second call (or a reused PluginManager) replaces, never duplicates.

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nslora_plugin.config import NSLoRAConfigError
+from nslora_plugin.util import free_port
 
 from .args import LlamaFactoryNSLoRAArgs, prepare, read_config
 
@@ -137,18 +138,10 @@ def torchrun_command(config: str, overrides: Sequence[str]) -> list[str]:
            "--node_rank", os.environ.get("NODE_RANK", "0"),
            "--nproc_per_node", nproc,
            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-           "--master_port", os.environ.get("MASTER_PORT") or str(_free_port())]
+           "--master_port", os.environ.get("MASTER_PORT") or str(free_port())]
     if os.environ.get("MAX_RESTARTS"):
         cmd += ["--max_restarts", os.environ["MAX_RESTARTS"]]
     return cmd + ["-m", MODULE, "train", str(Path(config).resolve()), *overrides]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_torchrun(config: str, overrides: Sequence[str]) -> int:

@@ -111,7 +111,8 @@ class Usage:
         return out
 
     def load(self, data: dict[str, Any]) -> None:
-        """Restore counters from a saved `to_dict()` (a resumed run keeps its run budget)."""
+        """Restore counters from a saved `to_dict()` (a resumed run keeps its run budget; the
+        limits themselves come from the current config)."""
         for key, value in data.items():
             if key in self.__dataclass_fields__ and key != "budget_limits":
                 setattr(self, key, value)

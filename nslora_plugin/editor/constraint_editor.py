@@ -34,12 +34,6 @@ def constraint_statements(config: NSLoRAConfig) -> dict[str, str]:
     return out
 
 
-def constraint_statement(config: NSLoRAConfig) -> str | None:
-    """All configured constraints in words, one per line (None when there are none)."""
-    statements = constraint_statements(config)
-    return "\n".join(statements.values()) if statements else None
-
-
 def violated_constraints(failures: Sequence[ProbeResult], config: NSLoRAConfig) -> dict[str, int]:
     """Constraint component → number of failures that violate it."""
     counts: dict[str, int] = {}

@@ -30,6 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..config import NSLoRAConfig
+from ..chat import chat_messages
+from ..util import redact, url_password
 from .budget import (Budget, EditorBadReply, EditorBudgetSpent, EditorEmptyReply, EditorError,
                      EditorHTTPError, EditorTimeout, EditorUnreachable, Usage, estimate_tokens)
 from .cache import ReplyCache, cache_key
@@ -83,14 +85,8 @@ class EditorClient:
 
     # ---------------------------------------------------------------- secrets
     def redact(self, text: str) -> str:
-        key = os.environ.get(self.key_env)
-        if key and len(key) >= 4:
-            text = text.replace(key, "***")
-        if self.base_url:
-            userinfo = urlsplit(self.base_url).password
-            if userinfo:
-                text = text.replace(userinfo, "***")
-        return text
+        """`text` without this client's key, the URL's password, or any secret in the environment."""
+        return redact(text, (os.environ.get(self.key_env), url_password(self.base_url)))
 
     def _error(self, cls: type[EditorError], message: str, **kw: Any) -> EditorError:
         return cls(self.redact(message), **kw)
@@ -109,11 +105,7 @@ class EditorClient:
 
     @staticmethod
     def _messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
-        messages: list[dict[str, str]] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        return messages
+        return chat_messages(system_prompt or None, prompt)
 
     def _cache_key(self, messages: list[dict[str, str]]) -> str:
         return cache_key(backend=self.backend, base_url=self.base_url or "", model=self.model,

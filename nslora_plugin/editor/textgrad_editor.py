@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..chat import chat_messages
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
 from ..types import EditProposal, ProbeExample, ProbeReport, ProbeResult
@@ -41,6 +42,7 @@ from .cache import ReplyCache
 from .constraint_editor import constraint_statements
 from .engine import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
 from .textgrad_env import import_textgrad
+from ..util import GENERIC_MARKER, ROLE_MARKERS
 
 if TYPE_CHECKING:
     from ..loop import NeurosymbolicLoop
@@ -71,11 +73,6 @@ REPAIR_TEMPLATE = (
     "Write only the improved text, starting with {start} and ending with {end}."
 )
 
-# Chat-template control tokens of common families; a candidate prompt must contain none of them.
-ROLE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|begin_of_text|>", "[INST]", "[/INST]", "<s>", "</s>",
-                "<start_of_turn>", "<end_of_turn>")
-_GENERIC_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -92,7 +89,7 @@ def control_tokens(text: str, tokenizer: Any = None) -> list[str]:
     """Chat-template control tokens found in `text` (the tokenizer's special tokens included)."""
     specials = set(ROLE_MARKERS) | set(getattr(tokenizer, "all_special_tokens", None) or [])
     found = {m for m in specials if m and m in text}
-    found.update(_GENERIC_MARKER.findall(text))
+    found.update(GENERIC_MARKER.findall(text))
     return sorted(found)
 
 
@@ -455,8 +452,7 @@ def verify_question_edits(pending: dict[str, dict[str, Any]], prompt: str, promp
         if result.passed:
             targets.append(("question_edit_self", reply))
         for source, target in targets:
-            rows.append({"messages": [{"role": "user", "content": rewritten.question},
-                                      {"role": "assistant", "content": target}],
+            rows.append({"messages": chat_messages(None, rewritten.question, target),
                          "source": source, "example_id": ex.id, "original_question": ex.question,
                          "prompt_version": prompt_version})
         verdicts[example_id] = "accepted" if targets else "rejected: no reply that meets the constraints"
