@@ -12,7 +12,7 @@ from typing import Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nslora", description="Neurosymbolic LoRA plugin")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .demo import build_parser
+    from .harness.demo import build_parser
 
     build_parser(sub.add_parser("demo", help="run the whole loop on the embedded default (CPU, offline)",
                                 description="Run the neurosymbolic loop end to end on SmolLM2-135M-Instruct."))
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--decisions", action="store_true", help="print every decision line")
     sub.add_parser("version", help="print the version")
     _add_generate_and_doctor(sub)
-    from .compare import build_parser as build_compare_parser
+    from .harness.compare import build_parser as build_compare_parser
 
     build_compare_parser(sub.add_parser(
         "compare", help="numerical-only vs symbolic-only vs neurosymbolic on one task, same budgets",
@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "compare":
-        from .compare import run_compare
+        from .harness.compare import run_compare
 
         run_compare(args)
         return 0
 
     if args.command == "demo":
-        from .demo import run_demo
+        from .harness.demo import run_demo
 
         run_demo(args)
         return 0
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "doctor":
-        from .doctor import run as run_doctor
+        from .tools.doctor import run as run_doctor
 
         return run_doctor(args)
     if args.command == "version":
@@ -86,7 +86,7 @@ def _add_generate_and_doctor(sub: Any) -> None:
     gen.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
     gen.add_argument("--system-prompt", default=None, help="use this system prompt instead of the optimized one")
     gen.add_argument("--show-prompt", action="store_true", help="print the rendered chat prompt (to stderr)")
-    from .doctor import build_parser as build_doctor_parser
+    from .tools.doctor import build_parser as build_doctor_parser
 
     build_doctor_parser(sub.add_parser("doctor", help="estimate GPU memory of a LoRA/QLoRA + NSLoRA run"))
 

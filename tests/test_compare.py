@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.compare import router_accuracy
+from nslora_plugin.harness.compare import router_accuracy
 from nslora_plugin.rewards import format_compliant
-from nslora_plugin.tasks import (
+from nslora_plugin.harness.tasks import (
     FINAL_FORMAT,
     failure_kind,
     load_jsonl_task,
@@ -126,7 +126,7 @@ def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
 
 
 def test_verdict_pools_the_labels_of_every_arm():
-    from nslora_plugin.compare import verdict
+    from nslora_plugin.harness.compare import verdict
 
     def arm(acc, confusion):
         return {"held_out": {"accuracy": acc},

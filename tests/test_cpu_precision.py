@@ -48,7 +48,7 @@ def test_callback_warns_once(no_native_bf16, monkeypatch, caplog):
 
 
 def test_doctor_says_the_same(no_native_bf16, tmp_path, capsys):
-    from nslora_plugin.doctor import main
+    from nslora_plugin.tools.doctor import main
 
     cfg = tmp_path / "cpu.yaml"
     cfg.write_text("model_name_or_path: llama-3-8b\nuse_cpu: true\n")  # bf16 unset: TRL's default, true

@@ -10,7 +10,7 @@ from nslora_plugin import NSLoRAConfig, load_artifacts
 from nslora_plugin.data import make_word_problems
 from nslora_plugin.editor.textgrad_editor import parse_tagged
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.serve import free_port
+from nslora_plugin.tools.serve import free_port
 from nslora_plugin.types import ProbeReport, ProbeResult
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer

@@ -338,7 +338,7 @@ def test_litellm_backend_against_a_real_endpoint(tmp_path, monkeypatch, tokenize
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
     # down at start: one clear startup fault, the run goes on without the LLM editor
-    from nslora_plugin.serve import free_port
+    from nslora_plugin.tools.serve import free_port
 
     dead = cfg.replace(editor_base_url=f"http://127.0.0.1:{free_port()}/v1")
     down, _ = round_loop(tokenizer, tmp_path / "down", dead, rows, model=model)

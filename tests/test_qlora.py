@@ -19,7 +19,7 @@ import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
 from nslora_plugin.data import make_word_problems
-from nslora_plugin.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
+from nslora_plugin.tools.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
                                   resolve_model, settings_from_trl_config)
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, write_trl_workdir

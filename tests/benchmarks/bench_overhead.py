@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from nslora_plugin import NSLoRAConfig
     from nslora_plugin.data import chat_rows, make_word_problems
-    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.tools.models import ensure_default_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -220,10 +220,10 @@ def cadence(args: argparse.Namespace) -> None:
 
     from nslora_plugin import training
     from nslora_plugin.artifacts import ArtifactStore
-    from nslora_plugin.demo import DEMO_SYSTEM_PROMPT, build_parser, demo_config, editor_endpoint
+    from nslora_plugin.harness.demo import DEMO_SYSTEM_PROMPT, build_parser, demo_config, editor_endpoint
     from nslora_plugin.integrations.trl import attach
     from nslora_plugin.loop import NeurosymbolicLoop
-    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.tools.models import ensure_default_model
     from nslora_plugin.probe import ProbeEvaluator
     from rich.console import Console
 
@@ -232,7 +232,7 @@ def cadence(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     demo_args = build_parser().parse_args(["--max-steps", str(args.steps)]
                                           + ([] if args.editor == "textgrad" else ["--no-editor-llm"]))
-    from nslora_plugin.demo import load_rows
+    from nslora_plugin.harness.demo import load_rows
 
     train_rows, probe_rows, _ = load_rows(demo_args)
     import tempfile

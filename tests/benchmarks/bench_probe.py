@@ -41,7 +41,7 @@ def main() -> None:
 
     from nslora_plugin import NSLoRAConfig
     from nslora_plugin.data import make_word_problems
-    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.tools.models import ensure_default_model
     from nslora_plugin.plugins import make_plugin_manager
     from nslora_plugin.probe import ProbeEvaluator
     from nslora_plugin.training import cpu_model_name, load_fp32_model

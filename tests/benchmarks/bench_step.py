@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     from nslora_plugin import training
-    from nslora_plugin.models import ensure_default_model
+    from nslora_plugin.tools.models import ensure_default_model
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model(args.cache, prefer_hub=False)

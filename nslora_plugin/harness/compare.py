@@ -26,7 +26,7 @@ completion, recorded by a decision listener at the moment of the check).
 
 from __future__ import annotations
 
-from .util import read_jsonl_tolerant
+from ..util import read_jsonl_tolerant
 
 import argparse
 import json
@@ -39,10 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import NSLoRAConfig
-from .hookspecs import hookimpl
+from ..config import NSLoRAConfig
+from ..hookspecs import hookimpl
 from .tasks import Task, load_task
-from .types import ProbeReport, RouteDecision
+from ..types import ProbeReport, RouteDecision
 
 ARMS = ("numerical", "symbolic", "neurosymbolic")
 ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
@@ -271,7 +271,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from .models import ensure_default_model
+    from ..tools.models import ensure_default_model
 
     console.rule("[bold]nslora compare")
     model_path = Path(args.model) if args.model else ensure_default_model(
@@ -328,7 +328,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig, tokenizer: Any,
             model_path: Path, arm_dir: Path, console: Any) -> dict[str, Any]:
-    from .data import load_probe_examples
+    from ..data import load_probe_examples
 
     arm_dir.mkdir(parents=True, exist_ok=True)
     cfg = config.replace(output_dir=str(arm_dir / "nslora"))
@@ -339,7 +339,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     t0 = time.time()
     model = _load_model(model_path)
     if arm == "symbolic":
-        from .loop import NeurosymbolicLoop
+        from ..loop import NeurosymbolicLoop
 
         probe = load_probe_examples(task.probe, limit=cfg.probe_size, seed=cfg.seed)
         loop = NeurosymbolicLoop(cfg, tokenizer, probe, output_dir=cfg.output_dir,
@@ -351,7 +351,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         final_model, final_prompt = model, loop.prompt_state.current
         train_steps = 0
     else:
-        from .callback import attach
+        from ..callback import attach
 
         trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir)
         callback = attach(trainer, cfg, probe=task.probe, plugins=plugins, console=console)
@@ -397,7 +397,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
 
 def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer: Any, model: Any,
              arm_dir: Path) -> Any:
-    from .training import build_sft_trainer, sft_config
+    from ..training import build_sft_trainer, sft_config
 
     sft_args = sft_config(arm_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed, max_length=args.max_length,
@@ -408,21 +408,21 @@ def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer:
 
 
 def _load_model(model_path: Path) -> Any:
-    from .training import load_fp32_model
+    from ..training import load_fp32_model
 
     return load_fp32_model(model_path)
 
 
 def _examples(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from .data import load_probe_examples
+    from ..data import load_probe_examples
 
     return {e.id: e for e in load_probe_examples(list(rows))}
 
 
 def _evaluate(tokenizer: Any, examples: dict[str, Any], config: NSLoRAConfig, model: Any,
               prompt: str | None) -> ProbeReport:
-    from .plugins import make_plugin_manager
-    from .probe import ProbeEvaluator
+    from ..plugins import make_plugin_manager
+    from ..probe import ProbeEvaluator
 
     evaluator = ProbeEvaluator(tokenizer, list(examples.values()), config, make_plugin_manager(config))
     return evaluator.evaluate(model, prompt, step=-1, version=-1)
@@ -558,7 +558,7 @@ def _write(result: dict[str, Any], args: argparse.Namespace, output_dir: Path) -
 def portable_paths(text: str) -> str:
     """Results files are meant to be committed and shared: the model cache, the working folder and
     the home folder are written as `<nslora-cache>`, `.` and `~` instead of this machine's paths."""
-    from .models import default_cache_dir
+    from ..tools.models import default_cache_dir
 
     for folder, name in ((default_cache_dir(), "<nslora-cache>"), (Path.cwd(), "."), (Path.home(), "~")):
         prefix = str(folder.resolve()) if folder.exists() else str(folder)

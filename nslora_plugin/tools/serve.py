@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from .util import free_port
+from ..util import free_port
 
 __all__ = ["EditorServer", "free_port"]
 

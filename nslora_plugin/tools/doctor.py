@@ -506,7 +506,7 @@ def cpu_precision_note(args: argparse.Namespace) -> str | None:
 
     import yaml
 
-    from .training import cpu_precision_problem
+    from ..training import cpu_precision_problem
 
     cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     use_cpu = bool(args.use_cpu or cfg.get("use_cpu"))

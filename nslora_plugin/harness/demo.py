@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import NSLoRAConfig
+from ..config import NSLoRAConfig
 
 DEMO_SYSTEM_PROMPT = "You are a helpful assistant."
 DEMO_ANSWER_FORMAT = r"^Answer: (-?\d+)\s*$"
@@ -69,7 +69,7 @@ def demo_config(args: argparse.Namespace, output_dir: Path) -> NSLoRAConfig:
 
 
 def load_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
-    from .data import gsm8k_reference, make_word_problems, read_jsonl, split_gsm8k
+    from ..data import gsm8k_reference, make_word_problems, read_jsonl, split_gsm8k
 
     n = args.train_size + args.probe_size + args.eval_size
     if args.data:
@@ -99,7 +99,7 @@ def editor_endpoint(args: argparse.Namespace, model_dir: Path, output_dir: Path,
     if args.no_editor_llm or args.editor_base_url:
         yield args.editor_base_url, args.editor_model
         return
-    from .serve import EditorServer
+    from ..tools.serve import EditorServer
 
     console.print("[bold]Starting the editor LLM[/] (transformers serve on loopback)…")
     server = EditorServer(model_dir, log_path=output_dir / "editor-server.log")
@@ -125,12 +125,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from . import training
-    from .data import load_probe_examples
-    from .callback import attach, save_artifacts
-    from .models import ensure_default_model
-    from .plugins import make_plugin_manager
-    from .probe import ProbeEvaluator
+    from .. import training
+    from ..data import load_probe_examples
+    from ..callback import attach, save_artifacts
+    from ..tools.models import ensure_default_model
+    from ..plugins import make_plugin_manager
+    from ..probe import ProbeEvaluator
 
     console.rule("[bold]nslora demo")
     model_path = Path(args.model) if args.model else ensure_default_model(log=lambda m: console.print(m, markup=False))

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import split_gsm8k
-from .rewards import (
+from ..data import split_gsm8k
+from ..rewards import (
     answers_match,
     extract_final_answer,
     format_compliant,
@@ -258,7 +258,7 @@ def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 1
                     held_out_size: int = 64, seed: int = 0, name: str | None = None) -> Task:
     """A task from a JSONL file of `question`/`answer` rows (GSM8K's `#### n` answers are
     recognised). Seeded shuffle, then held-out, probe and training rows, disjoint."""
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     rows = read_jsonl(path)
     need = probe_size + held_out_size + 1
