@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _worker import run_worker  # noqa: E402
 
 
 # ------------------------------------------------------------------ one repetition (child process)
@@ -349,17 +351,12 @@ def main() -> None:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nslora-bench-")
     results: dict[str, list[dict[str, Any]]] = {"plain": [], "nslora": []}
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", NSLORA_DISABLE_PLUGIN_AUTOLOAD="1")
     for rep in range(args.reps):
         for variant in ("plain", "nslora"):
-            cmd = [sys.executable, __file__, "--worker", variant, "--model", args.model,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                   "--cache", args.cache, "--workdir", workdir]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if proc.returncode != 0:
-                sys.exit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = run_worker(__file__, variant, [
+                "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                "--cache", args.cache, "--workdir", workdir])
             results[variant].append(r)
             print(f"rep {rep + 1} {variant:6s}: median step {r['median_step']:.3f} s wall, "
                   f"{r['median_cpu_step']:.3f} s CPU; peak RSS {r['peak_rss_mb']:.0f} MB "

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _worker import run_worker  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 VARIANTS = ("raw-hf", "trl", "nslora")
@@ -162,19 +164,14 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="nslora-bench-step-")
     variants = VARIANTS + (("trl-bf16",) if args.with_bf16 else ())
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", NSLORA_DISABLE_PLUGIN_AUTOLOAD="1")
     print(f"CPU: {cpu_model_name()} ({os.cpu_count()} cores, native bf16: {cpu_has_native_bf16()}); "
           f"{args.reps} reps x {args.steps} steps (first {args.warmup} untimed), batch {args.batch_size}",
           flush=True)
     for rep in range(args.reps):
         for variant in variants:
-            cmd = [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                   "--threads", str(args.threads), "--cache", args.cache, "--workdir", workdir]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if proc.returncode != 0:
-                sys.exit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = run_worker(__file__, variant, [
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                "--threads", str(args.threads), "--cache", args.cache, "--workdir", workdir])
             results[variant].append(r)
             print(f"rep {rep + 1} {variant:8s}: median step {r['median_step']:.3f} s "
                   f"(steps {', '.join(f'{s:.2f}' for s in r['step_seconds'])})", flush=True)
