@@ -35,7 +35,7 @@ memory, invisible to the PyTorch allocator), and seconds per optimizer step (pro
 excluded). Printed next to the doctor's estimate for the same settings.
 
     python tests/benchmarks/bench_gpu_memory.py --tokenizer .gpucarry/tokenizer \\
-        --workdir /tmp/nslora-gpu-bench --json gpu-qlora-8b.json
+        --workdir runs/nslora-gpu-bench --json gpu-qlora-8b.json
     python tests/benchmarks/bench_gpu_memory.py --variants plain --steps 2     # one variant only
     python tests/benchmarks/bench_gpu_memory.py --tiny ...   # 2-layer model: a CPU smoke test of
                                                              # the script itself, numbers meaningless
@@ -437,7 +437,7 @@ def main() -> None:
     p.add_argument("--recipe", default=str(RECIPE), help="TRL recipe YAML (default: the 8B 24 GB one)")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                    help="folder with tokenizer.json / tokenizer_config.json / chat_template.jinja")
-    p.add_argument("--workdir", default="/tmp/nslora-gpu-bench")
+    p.add_argument("--workdir", default="runs/nslora-gpu-bench")
     p.add_argument("--variants", default="plain,nslora")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (max_steps)")
     p.add_argument("--check-every", type=int, default=2, help="NSLoRA check_every (optimizer steps)")
@@ -459,6 +459,7 @@ def main() -> None:
     p.add_argument("--worker", dest="variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.workdir = str(Path(args.workdir).resolve())  # child processes get the same folder
 
     import yaml
 
