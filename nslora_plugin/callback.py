@@ -33,12 +33,7 @@ class NSLoRACallback(TrainerCallback):
     def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
                  tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None,
                  max_length: int | None = None) -> None:
-        if config is None:
-            config = NSLoRAConfig()
-        elif isinstance(config, dict):
-            config = NSLoRAConfig.from_dict(config)
-        elif isinstance(config, (str, Path)):
-            config = NSLoRAConfig.from_yaml(config)
+        config = as_config(config)
         self.config: NSLoRAConfig = config
         self.probe_source = probe if probe is not None else config.probe_path
         self.tokenizer = tokenizer
@@ -160,6 +155,15 @@ class NSLoRACallback(TrainerCallback):
             self.loop.artifacts.copy_into(args.output_dir)
 
 
+def as_config(config: NSLoRAConfig | dict | str | Path | None) -> NSLoRAConfig:
+    """An `NSLoRAConfig` from itself, a dict, a YAML path, or None (the defaults)."""
+    if isinstance(config, NSLoRAConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return NSLoRAConfig.from_yaml(config)
+    return NSLoRAConfig.from_dict(config or {})
+
+
 _precision_warned = False
 
 
@@ -196,9 +200,7 @@ def attach(trainer: Any, config: NSLoRAConfig | dict | str | None = None, *, pro
     adds to each log reach the `report_to` integrations. If `probe` is None and the config has no
     `probe_path`, the trainer's raw eval dataset is used when it still has text columns.
     """
-    cfg = config if isinstance(config, NSLoRAConfig) else (
-        NSLoRAConfig.from_yaml(config) if isinstance(config, (str, Path))
-        else NSLoRAConfig.from_dict(config or {}))
+    cfg = as_config(config)
     if probe is None and cfg.probe_path is None:
         probe = _raw_eval_rows(trainer)
     callback = NSLoRACallback(cfg, probe=probe, tokenizer=getattr(trainer, "processing_class", None),

@@ -129,7 +129,6 @@ class ProbeEvaluator:
         None when that is not possible (no croppable cache, or a reference whose tokens do not
         extend the prompt's tokens at the template boundary)."""
         import torch
-        import torch.nn.functional as F
 
         if cache is None or not hasattr(cache, "crop"):
             return None
@@ -168,11 +167,7 @@ class ProbeEvaluator:
                                use_cache=True).logits
         except (TypeError, ValueError, RuntimeError, AttributeError):
             return None
-        logits = logits[:, :longest].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="none").view(labels.shape)
-        mask = (labels != -100).float()
-        return [float(v) for v in ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()]
+        return _mean_nll(logits[:, :longest], labels)
 
     def reference_nll(self, model: Any, prompt: str | None,
                       examples: Sequence[ProbeExample]) -> list[float]:
@@ -218,7 +213,6 @@ def _chunk_nll(model: Any, chunk: Sequence[tuple[list[int], int]], pad: int, dev
     reference + 1 (`logits_to_keep`): the LM head, the costliest matmul of a small model,
     projects the reference tokens only instead of prompt + reference."""
     import torch
-    import torch.nn.functional as F
 
     width = max(len(ids) for ids, _ in chunk)
     keep = max(len(ids) - start for ids, start in chunk) + 1
@@ -237,11 +231,18 @@ def _chunk_nll(model: Any, chunk: Sequence[tuple[list[int], int]], pad: int, dev
         logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # a model whose forward has no logits_to_keep: all positions
         logits = model(**kwargs).logits
-    logits = logits[:, -keep:-1].float()
-    target = labels[:, width - keep + 1:].to(device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           ignore_index=-100, reduction="none").view(target.shape)
-    mask = (target != -100).float()
+    return _mean_nll(logits[:, -keep:-1], labels[:, width - keep + 1:].to(device))
+
+
+def _mean_nll(logits: Any, labels: Any) -> list[float]:
+    """Per row, the mean NLL of the labelled positions (`labels[:, j]` is the token `logits[:, j]`
+    predicts; -100 is ignored)."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="none").view(labels.shape)
+    mask = (labels != -100).float()
     return [float(v) for v in ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()]
 
 

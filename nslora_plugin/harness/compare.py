@@ -534,12 +534,9 @@ def machine() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads()}
-    try:
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in
-                            Path("/proc/cpuinfo").read_text().splitlines()
-                            if line.startswith("model name")), platform.processor())
-    except OSError:
-        info["cpu"] = platform.processor()
+    from ..training import cpu_model_name
+
+    info["cpu"] = cpu_model_name()
     return info
 
 

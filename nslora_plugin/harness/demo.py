@@ -111,6 +111,28 @@ def editor_endpoint(args: argparse.Namespace, model_dir: Path, output_dir: Path,
         server.stop()
 
 
+def build_demo_trainer(args: argparse.Namespace, model_path: Path, tokenizer: Any,
+                       rows: list[dict], prompt: str | None, folder: Path, *, save: bool,
+                       console: Any = None) -> Any:
+    """The demo's `SFTTrainer` (fresh fp32 model, LoRA, the demo's schedule), for the demo's two
+    runs and for the overhead benchmark that times them; with `console`, progress lines."""
+    import torch
+
+    from .. import training
+
+    torch.manual_seed(args.seed)
+    sft_args = training.sft_config(
+        folder, max_steps=args.max_steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, max_length=256,
+        logging_steps=max(args.max_steps // 12, 1),
+        save_steps=max(args.max_steps // 2, 1) if save else None, disable_tqdm=True)
+    trainer = training.build_sft_trainer(training.load_fp32_model(model_path), tokenizer, rows,
+                                         prompt, sft_args, lora_r=args.lora_r, quiet=True)
+    if console is not None:
+        trainer.add_callback(training.step_progress(console, every=max(args.max_steps // 12, 1)))
+    return trainer
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
@@ -145,20 +167,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available():
         torch.set_num_threads(max(os.cpu_count() or 1, 1))
 
-    def sft_args(folder: Path, save: bool) -> Any:
-        return training.sft_config(
-            folder, max_steps=args.max_steps, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, seed=args.seed, max_length=256,
-            logging_steps=max(args.max_steps // 12, 1),
-            save_steps=max(args.max_steps // 2, 1) if save else None, disable_tqdm=True)
-
     def new_trainer(folder: Path, prompt: str | None, save: bool) -> Any:
-        torch.manual_seed(args.seed)
-        trainer = training.build_sft_trainer(training.load_fp32_model(model_path), tokenizer,
-                                             train_rows, prompt, sft_args(folder, save),
-                                             lora_r=args.lora_r, quiet=True)
-        trainer.add_callback(training.step_progress(console, every=max(args.max_steps // 12, 1)))
-        return trainer
+        return build_demo_trainer(args, model_path, tokenizer, train_rows, prompt, folder,
+                                  save=save, console=console)
 
     with editor_endpoint(args, model_path, output_dir, console) as (base_url, editor_model):
         args.editor_base_url, args.editor_model = base_url, editor_model

@@ -222,7 +222,8 @@ def cadence(args: argparse.Namespace) -> None:
 
     from nslora_plugin import training
     from nslora_plugin.artifacts import ArtifactStore
-    from nslora_plugin.harness.demo import DEMO_SYSTEM_PROMPT, build_parser, demo_config, editor_endpoint
+    from nslora_plugin.harness.demo import (DEMO_SYSTEM_PROMPT, build_demo_trainer, build_parser,
+                                             demo_config, editor_endpoint)
     from nslora_plugin.integrations.trl import attach
     from nslora_plugin.loop import NeurosymbolicLoop
     from nslora_plugin.tools.models import ensure_default_model
@@ -258,13 +259,9 @@ def cadence(args: argparse.Namespace) -> None:
     tokens: dict[str, list[int]] = {"plain": [], "nslora": []}
 
     def run(variant: str, base_url: str | None, editor_model: str | None) -> tuple[float, Any]:
-        torch.manual_seed(demo_args.seed)
         folder = workdir / f"{variant}-{time.time_ns()}"
-        sft_args = training.sft_config(folder, max_steps=demo_args.max_steps, batch_size=demo_args.batch_size,
-                                       learning_rate=demo_args.learning_rate, seed=demo_args.seed,
-                                       logging_steps=max(demo_args.max_steps // 12, 1), disable_tqdm=True)
-        trainer = training.build_sft_trainer(training.load_fp32_model(model_dir), tokenizer, train_rows,
-                                             DEMO_SYSTEM_PROMPT, sft_args, lora_r=demo_args.lora_r, quiet=True)
+        trainer = build_demo_trainer(demo_args, model_dir, tokenizer, train_rows, DEMO_SYSTEM_PROMPT,
+                                     folder, save=False)
         callback = None
         if variant == "nslora":
             demo_args.editor_base_url, demo_args.editor_model = base_url, editor_model
