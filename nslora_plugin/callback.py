@@ -127,7 +127,7 @@ class NSLoRACallback(TrainerCallback):
             return
         loop = self.loop
         logs["nslora/prompt_version"] = loop.prompt_state.version
-        logs["nslora/symbolic_rounds"] = loop.router_state.get("symbolic_rounds", 0)
+        logs["nslora/symbolic_rounds"] = loop.decision_counts["symbolic"]
         logs["nslora/augmented_examples"] = len(loop.augmented)
         if loop.reports:
             logs["nslora/probe_reward"] = round(loop.reports[-1].mean_reward, 4)

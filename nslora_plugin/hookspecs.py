@@ -12,10 +12,16 @@ or the `plugins` config key with dotted paths). Hooks are always called with key
 arguments; an implementation may accept any subset of them (pluggy passes only what it names).
 Set `NSLORA_DISABLE_PLUGIN_AUTOLOAD=1` to skip entry-point discovery.
 
-Data flows one way: trainer → monitor (`TrainingSignal`) → probe scoring (`nslora_score_probe`) →
-classification (`nslora_classify_failure`) → routing (`nslora_route`) → editor
-(`nslora_propose_edit`) or LoRA → prompts as data (`nslora_augment_examples`) → artifacts
-(`nslora_on_decision`).
+Data flows one way: trainer → monitor (`TrainingSignal`) → probe scoring (`nslora_score_probe`,
+`nslora_probe_signals`) → classification (`nslora_classify_failure`) → routing (`nslora_route`,
+then `nslora_after_route`) → editor (`nslora_propose_edit`, then `nslora_after_round`) or LoRA →
+prompts as data (`nslora_augment_examples`) → artifacts (`nslora_on_decision`).
+
+Hooks that need the run get `run`, a `nslora_plugin.run.RunView`: the step, config, probe
+examples and reports, `run.editor` (can an editor edit now?), `record`/`record_fault`,
+`generate`/`score`, and `run.stash`, where a plugin keeps its own state under its own
+`StashKey`. A plugin whose state must survive a resume (and reach every rank) saves it with
+`nslora_save_state` and reads it back in `nslora_load_state`.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import pluggy
 
 if TYPE_CHECKING:
     from .config import NSLoRAConfig
-    from .loop import NeurosymbolicLoop
-    from .types import (DecisionRecord, EditProposal, FailureLabel, ProbeExample, ProbeReport,
-                        ProbeResult, RouteDecision, TrainingSignal)
+    from .run import RunView
+    from .types import (DecisionRecord, EditOutcome, EditProposal, EditorStatus, FailureLabel,
+                        ProbeExample, ProbeReport, ProbeResult, RouteDecision, TrainingSignal)
 
 PROJECT = "nslora"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -49,10 +55,19 @@ def nslora_score_probe(example: "ProbeExample", completion: str,
     """
 
 
+@hookspec
+def nslora_probe_signals(example: "ProbeExample", completion: str,
+                         config: "NSLoRAConfig") -> "dict[str, float] | None":
+    """Diagnostics of one probe completion that are *not* reward components: they never change the
+    reward or the gate, but classifiers read them (`ProbeResult.signals`). The built-in one is
+    `answer_present` (the right answer appears anywhere in the reply, whatever its form).
+    All implementations are called and merged like `nslora_score_probe`."""
+
+
 @hookspec(firstresult=True)
 def nslora_classify_failure(result: "ProbeResult", signal: "TrainingSignal",
                             config: "NSLoRAConfig",
-                            loop: "NeurosymbolicLoop") -> "FailureLabel | None":
+                            run: "RunView") -> "FailureLabel | None":
     """Label one failing probe example as needing a weight update ("factual") or a prompt update
     ("style"). The first non-None answer is used. The label must carry `p_symbolic` (probability
     that the prompt is the right fix) and the features it was computed from, which are logged."""
@@ -61,7 +76,7 @@ def nslora_classify_failure(result: "ProbeResult", signal: "TrainingSignal",
 @hookspec(firstresult=True)
 def nslora_route(signal: "TrainingSignal", report: "ProbeReport",
                  labels: "Sequence[FailureLabel]", config: "NSLoRAConfig",
-                 loop: "NeurosymbolicLoop") -> "RouteDecision | None":
+                 run: "RunView") -> "RouteDecision | None":
     """Decide, at one check, whether to keep training LoRA ("numerical") or run a symbolic round
     now ("symbolic"). The first non-None answer is used. The decision must carry a one-line
     `reason` and the scores it was based on; it is written to the decision log as is."""
@@ -71,20 +86,66 @@ def nslora_route(signal: "TrainingSignal", report: "ProbeReport",
 def nslora_propose_edit(prompt: str, failures: "Sequence[ProbeResult]",
                         examples: "dict[str, ProbeExample]", report: "ProbeReport",
                         config: "NSLoRAConfig", tried: "tuple[str, ...]",
-                        loop: "NeurosymbolicLoop") -> "EditProposal | None":
+                        run: "RunView") -> "EditProposal | None":
     """Propose one new system prompt that should fix `failures` under `prompt`.
 
     The first non-None answer is used. The loop checks it against the validation gate; if it is
     rejected, the hook is called again with the editor's name added to `tried`, so an editor must
     return None when its own name is in `tried` (this is how fallbacks chain). Faults of an
-    external LLM must not escape: log them through `loop.record_fault` and return None.
+    external LLM must not escape: log them through `run.record_fault` and return None.
     """
+
+
+@hookspec
+def nslora_after_route(decision: "RouteDecision", report: "ProbeReport", run: "RunView") -> None:
+    """Called after every check's routing decision is logged, before its symbolic round (if any).
+    A learning router updates itself here from the report of this check."""
+
+
+@hookspec
+def nslora_after_round(step: int, outcome: "EditOutcome | None", run: "RunView") -> None:
+    """Called after every symbolic round with the gate's verdict on its last candidate (None when
+    no editor proposed one). `outcome.accepted` tells whether the prompt changed. Routers count
+    rounds, stalls and cool-downs from it."""
+
+
+@hookspec
+def nslora_editor_start(config: "NSLoRAConfig", run: "RunView") -> "EditorStatus | None":
+    """Start an editor once, when the run starts or resumes: check its endpoint or model, and
+    answer whether it can edit. The loop reports an editor that cannot (a `startup` fault naming
+    the editor that stands in, if any) and stops the run when `on_editor_down="fail"`. All
+    implementations are called; an editor not configured for this run returns None."""
+
+
+@hookspec
+def nslora_editor_status(config: "NSLoRAConfig", run: "RunView") -> "EditorStatus | None":
+    """Whether this editor can edit now (asked before each symbolic round, through
+    `run.editor`). A symbolic round runs when some editor is ready and none reports its run budget
+    spent. All implementations are called; an editor not configured for this run returns None."""
+
+
+@hookspec(firstresult=True)
+def nslora_editor_usage(run: "RunView") -> "dict[str, Any] | None":
+    """The editor LLM's usage so far (calls, tokens, seconds, budget), for the trainer's logs, the
+    summary and `state.json`. The first non-None answer is used."""
+
+
+@hookspec
+def nslora_save_state(run: "RunView") -> "dict[str, Any] | None":
+    """A plugin's own state for `state.json` and for the other ranks, as a JSON-able mapping
+    under a key of its own (the built-in router uses "router"). All answers are merged."""
+
+
+@hookspec
+def nslora_load_state(state: "dict[str, Any]", run: "RunView") -> None:
+    """Take back what `nslora_save_state` saved, on resume from a checkpoint and on every
+    non-main rank after a check. `state` is the whole saved mapping; read only your own key."""
 
 
 @hookspec
 def nslora_augment_examples(prompt: str, report: "ProbeReport", before: "ProbeReport",
                             examples: "dict[str, ProbeExample]", config: "NSLoRAConfig",
-                            loop: "NeurosymbolicLoop") -> "list[dict[str, Any]] | None":
+                            run: "RunView") -> "list[dict[str, Any]] | None":
     """Contribute training rows after an accepted edit ("prompts as data").
 
     `report` is the probe evaluation under the newly accepted `prompt`, `before` the one under the
@@ -96,7 +157,7 @@ def nslora_augment_examples(prompt: str, report: "ProbeReport", before: "ProbeRe
 
 
 @hookspec
-def nslora_on_decision(record: "DecisionRecord", loop: "NeurosymbolicLoop") -> None:
+def nslora_on_decision(record: "DecisionRecord", run: "RunView") -> None:
     """React to a decision: a routing decision, an edit verdict, an editor fault, or the run's
     start and end. Called on the main process only; use it for logging, dashboards or alerts.
     Must not raise (an exception is logged and the run goes on)."""

@@ -3,6 +3,8 @@
 A framework adapter feeds it three events — `start(model)`, `after_step(step, model)` and
 `finish(model)` — plus per-micro-batch losses and per-step gradient norms. At each check it runs
 trainer → monitor → probe → router → (editor | LoRA) → artifacts, in that order and only that way.
+Every stage is a plugin called through the hooks in `hookspecs.py`; plugins see the run only
+through `self.view` (a `RunView`) and keep their state in `self.stash`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from .plugins import make_plugin_manager
 from .probe import ProbeEvaluator
 from .prompt_state import PromptCandidate, PromptState
 from .rewards import format_compliant
-from .router import record_symbolic_outcome
+from .run import EditorAvailability, RunView, Stash
 from .util import ROLE_MARKERS, redact
 from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
-                    RouteDecision)
+                    ProbeResult, RouteDecision)
 
 log = logging.getLogger("nslora")
 
@@ -45,15 +47,13 @@ class NeurosymbolicLoop:
         self.prompt_state = PromptState(self._initial_prompt(config, tokenizer))
         self.artifacts = ArtifactStore(output_dir)
         self.collator: NSLoRACollator | None = None
-        self.router_state: dict[str, Any] = {}
+        self.stash = Stash()
+        self.view = RunView(self)
         self.reports: list[ProbeReport] = []
         self.augmented: list[dict[str, Any]] = []
         self.faults: dict[str, int] = {}
         self.decision_counts = {"numerical": 0, "symbolic": 0, "accepted": 0, "rejected": 0}
         self.last_check_step = -1
-        self.llm_editor_ready = False
-        self.editor_unavailable_reason = ""
-        self.editor_budget_reason = ""  # editor budgets: set by the editor once a run budget is spent
         self._model: Any = None
         self._console = console
         self.started = time.time()
@@ -70,13 +70,29 @@ class NeurosymbolicLoop:
                 "the system message your training rows use (this chat template has no default one)")
         return default
 
+    # ---------------------------------------------------------------- editors (through hooks)
+    def editor_availability(self) -> EditorAvailability:
+        statuses = [s for s in self.pm.hook.nslora_editor_status(config=self.config, run=self.view)
+                    if s is not None]
+        merged = EditorAvailability.merge(statuses, self.config)
+        return EditorAvailability(merged.available, merged.llm_ready, redact(merged.reason),
+                                  merged.budget_spent)
+
     @property
     def editing_available(self) -> bool:
-        if self.editor_budget_reason:  # editor budgets: a spent run budget keeps the router numerical
-            return False
-        return self.config.editor != "none" and (
-            self.llm_editor_ready or self.config.editor == "constraint"
-            or self.config.editor_fallback == "constraint")
+        return self.editor_availability().available
+
+    @property
+    def llm_editor_ready(self) -> bool:
+        return self.editor_availability().llm_ready
+
+    @property
+    def editor_unavailable_reason(self) -> str:
+        return self.editor_availability().reason
+
+    @property
+    def editor_budget_reason(self) -> str:
+        return self.editor_availability().budget_spent
 
     def wrap_collator(self, base: Any, max_length: int | None = None) -> NSLoRACollator:
         fmt = self.config.answer_format
@@ -101,7 +117,7 @@ class NeurosymbolicLoop:
             for name in ("decisions.jsonl", "probe_reports.jsonl"):  # a fresh run starts fresh logs
                 self.artifacts.path(name).unlink(missing_ok=True)
         self.artifacts.write_json("config.json", self.config.to_dict())
-        self._check_editor()
+        self._start_editors()
         if resumed_step is not None:
             self.record("resume", resumed_step, {"prompt": self.prompt_state.current,
                                                  "prompt_version": self.prompt_state.version,
@@ -127,16 +143,12 @@ class NeurosymbolicLoop:
         st = arts.state
         self.prompt_state.load_state({"initial": arts.initial_system_prompt, "current": arts.system_prompt,
                                       "version": arts.prompt_version, "history": arts.prompt_history})
-        self.router_state = dict(st.get("router", {}))
         self.monitor.load_state(st.get("monitor", {}))
         self.decision_counts.update(st.get("decision_counts", {}))
         self.faults = dict(st.get("faults", {}))
         self.last_check_step = int(st.get("last_check_step", -1))
         self.augmented = list(arts.augmented_rows)
-        self.restored_usage = dict(st.get("usage", {}))
-        plugin = self.pm.get_plugin("nslora.editor.textgrad")
-        if plugin is not None and self.restored_usage:
-            plugin.usage.load(self.restored_usage)
+        self.pm.hook.nslora_load_state(state=dict(st), run=self.view)
         if self.collator is not None:
             self.collator.replace_augmented(self.augmented)
         if self.is_main and arts.root.resolve() != self.artifacts.root.resolve():
@@ -153,34 +165,32 @@ class NeurosymbolicLoop:
     def shared_state(self) -> dict[str, Any]:
         """What every rank must agree on after a check (sent from the main process)."""
         return {"prompt": self.prompt_state.state(), "augmented": self.augmented,
-                "router": self.router_state, "last_check_step": self.last_check_step}
+                "plugins": self.plugin_state(), "last_check_step": self.last_check_step}
 
     def adopt_shared_state(self, shared: dict[str, Any]) -> None:
         self.prompt_state.load_state(shared["prompt"])
         self.augmented = list(shared["augmented"])
-        self.router_state = dict(shared["router"])
+        self.pm.hook.nslora_load_state(state=dict(shared["plugins"]), run=self.view)
         self.last_check_step = shared["last_check_step"]
         if self.collator is not None:
             self.collator.replace_augmented(self.augmented)
 
-    def _check_editor(self) -> None:
-        if self.config.editor != "textgrad":
-            self.editor_unavailable_reason = f"editor={self.config.editor!r}"
-            return
-        plugin = self.pm.get_plugin("nslora.editor.textgrad")
-        # editor backends: the plugin checks its own backend (endpoint, LiteLLM model, local model)
-        problem = plugin.startup_problem(self.config, self)
-        if problem is None:
-            self.llm_editor_ready = not self.editor_budget_reason
-            return
-        self.editor_unavailable_reason = redact(problem)
-        if self.config.on_editor_down == "fail":
-            raise RuntimeError(f"NSLoRA: {self.editor_unavailable_reason}; point editor_base_url / "
-                               "editor_model at a working editor (editor_backend="
-                               f"{self.config.editor_backend!r}), or set on_editor_down='numerical'")
-        fallback = ("the constraint editor stands in" if self.config.editor_fallback == "constraint"
-                    else "training stays numerical")
-        self.record_fault("startup", f"{self.editor_unavailable_reason}; {fallback}")
+    def _start_editors(self) -> None:
+        """Each editor checks its own backend (endpoint, LiteLLM model, local model); one that
+        cannot edit is reported, and stops the run when `on_editor_down="fail"`."""
+        started = [s for s in self.pm.hook.nslora_editor_start(config=self.config, run=self.view)
+                   if s is not None]
+        down = [s for s in started if not s.ready and not s.budget_spent]
+        standing_in = [s.editor for s in started if s.ready]
+        for status in down:
+            reason = redact(status.reason)
+            if self.config.on_editor_down == "fail":
+                raise RuntimeError(f"NSLoRA: {reason}; point editor_base_url / "
+                                   "editor_model at a working editor (editor_backend="
+                                   f"{self.config.editor_backend!r}), or set on_editor_down='numerical'")
+            fallback = (f"the {standing_in[0]} editor stands in" if standing_in
+                        else "training stays numerical")
+            self.record_fault("startup", f"{reason}; {fallback}")
 
     # ---------------------------------------------------------------- per step
     def record_micro_loss(self, loss: float) -> None:
@@ -207,12 +217,13 @@ class NeurosymbolicLoop:
         report = report or self.evaluate(model, step=step)
         signal = self.monitor.signal(step)
         labels = [self.pm.hook.nslora_classify_failure(result=r, signal=signal, config=self.config,
-                                                        loop=self) for r in report.failures]
+                                                        run=self.view) for r in report.failures]
         labels = [lab for lab in labels if lab is not None]
         decision = self.pm.hook.nslora_route(signal=signal, report=report, labels=labels,
-                                             config=self.config, loop=self)
+                                             config=self.config, run=self.view)
         self.decision_counts[decision.action] += 1
         self.record("route", step, decision.to_dict())
+        self.pm.hook.nslora_after_route(decision=decision, report=report, run=self.view)
         self._say(f"step {step}: {decision.action} — {decision.reason}")
         if decision.action == "symbolic":
             self.symbolic_round(step, model, report)
@@ -226,14 +237,14 @@ class NeurosymbolicLoop:
             prompt, version = self.prompt_state.snapshot()
             proposal = self.pm.hook.nslora_propose_edit(
                 prompt=prompt, failures=report.failures, examples=self.examples, report=report,
-                config=self.config, tried=tried, loop=self)
+                config=self.config, tried=tried, run=self.view)
             if proposal is None:
                 break
             tried += (proposal.editor,)
             outcome = self.gate(step, model, report, proposal)
             if outcome.accepted:
                 break
-        record_symbolic_outcome(self.router_state, bool(outcome and outcome.accepted), self.config)
+        self.pm.hook.nslora_after_round(step=step, outcome=outcome, run=self.view)
         if not tried:
             self.record_fault("editor", "no editor proposed a prompt for this round")
         return outcome
@@ -292,7 +303,7 @@ class NeurosymbolicLoop:
         rows: list[dict[str, Any]] = []
         for part in self.pm.hook.nslora_augment_examples(
                 prompt=prompt, report=after, before=before, examples=self.examples,
-                config=self.config, loop=self):
+                config=self.config, run=self.view):
             rows.extend(part or [])
         seen = {json.dumps(r["messages"], sort_keys=True) for r in self.augmented}
         new = []
@@ -318,13 +329,19 @@ class NeurosymbolicLoop:
     def generate_one(self, system_prompt: str | None, question: str) -> str:
         return self.evaluator.generate(self._model, system_prompt, [question])[0]
 
+    def score(self, example: ProbeExample, completion: str) -> ProbeResult:
+        return self.evaluator.score(example, completion, 0.0)
+
+    def artifact_path(self, name: str) -> Path:
+        return self.artifacts.path(name)
+
     # ---------------------------------------------------------------- records
     def record(self, kind: str, step: int, payload: dict[str, Any]) -> None:
         rec = DecisionRecord(kind=kind, step=step, payload=payload)  # type: ignore[arg-type]
         self.artifacts.append_jsonl("decisions.jsonl", {"kind": kind, "step": step,
                                                         "time": time.time(), **payload})
         try:
-            self.pm.hook.nslora_on_decision(record=rec, loop=self)
+            self.pm.hook.nslora_on_decision(record=rec, run=self.view)
         except Exception as exc:  # a listener must not stop training
             log.warning("NSLoRA: an nslora_on_decision plugin failed: %s", _short(exc))
 
@@ -346,11 +363,17 @@ class NeurosymbolicLoop:
 
     # ---------------------------------------------------------------- persistence
     def usage(self) -> dict[str, Any]:
-        plugin = self.pm.get_plugin("nslora.editor.textgrad")
-        return plugin.usage.to_dict() if plugin is not None else {}
+        return self.pm.hook.nslora_editor_usage(run=self.view) or {}
+
+    def plugin_state(self) -> dict[str, Any]:
+        """What the plugins save for a resume and for the other ranks (`nslora_save_state`)."""
+        merged: dict[str, Any] = {}
+        for part in reversed(self.pm.hook.nslora_save_state(run=self.view)):
+            merged.update(part or {})
+        return merged
 
     def state(self) -> dict[str, Any]:
-        return {"router": self.router_state, "monitor": self.monitor.state(),
+        return {**self.plugin_state(), "monitor": self.monitor.state(),
                 "decision_counts": self.decision_counts, "faults": self.faults,
                 "last_check_step": self.last_check_step, "usage": self.usage(),
                 "collator": dict(self.collator.stats) if self.collator else {}}

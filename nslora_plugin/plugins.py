@@ -1,5 +1,7 @@
-"""Build the plugin manager: the built-in behaviour is registered as plugins, third parties through
-the `nslora` entry-point group (opt out with NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."""
+"""Build the plugin manager: the built-in behaviour is registered as plugins exactly like third
+parties' (by name: nslora.rewards, nslora.router, nslora.augment, nslora.editor.constraint,
+nslora.editor.textgrad), third parties also through the `nslora` entry-point group (opt out with
+NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def builtin_plugins(config: NSLoRAConfig) -> list[tuple[str, Any]]:
         ("nslora.router", LearnedRouter() if config.router == "learned" else PriorRouter()),
         ("nslora.augment", PromptsAsData()),
     ]
-    wants_constraint = config.editor == "constraint" or config.editor_fallback == "constraint"
+    wants_constraint = config.editor == "constraint" or (
+        config.editor != "none" and config.editor_fallback == "constraint")
     if wants_constraint:
         plugins.append(("nslora.editor.constraint", ConstraintEditor()))
     if config.editor == "textgrad":
@@ -46,13 +49,23 @@ def load_object(dotted: str) -> Any:
     return obj() if isinstance(obj, type) else obj
 
 
+BLOCK_PREFIX = "no:"
+
+
 def make_plugin_manager(config: NSLoRAConfig, extra: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """Built-ins first, then the config's dotted paths, then `extra`, then entry points. A
+    `plugins` entry "no:<name>" (pytest's `-p no:name`) blocks the plugin of that name, built-in
+    or entry point, so a third-party plugin can replace it (e.g. "no:nslora.rewards")."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    for entry in config.plugins:
+        if entry.startswith(BLOCK_PREFIX):
+            pm.set_blocked(entry[len(BLOCK_PREFIX):].strip())
     for name, plugin in builtin_plugins(config):
         pm.register(plugin, name=name)
     for dotted in config.plugins:
-        pm.register(load_object(dotted), name=f"config:{dotted}")
+        if not dotted.startswith(BLOCK_PREFIX):
+            pm.register(load_object(dotted), name=f"config:{dotted}")
     for plugin in extra:
         pm.register(plugin)
     if not env_flag(AUTOLOAD_OPT_OUT):

@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 
 from .chat import chat_messages, render
 from .config import NSLoRAConfig
-from .rewards import answer_in_reply
 from .types import ProbeExample, ProbeReport, ProbeResult
 
 
@@ -65,8 +64,10 @@ class ProbeEvaluator:
             if part:
                 merged.update(part)
         reward = sum(merged.values()) / len(merged) if merged else 0.0
-        signals = {} if example.answer is None else \
-            {"answer_present": float(answer_in_reply(example.answer, completion))}
+        signals: dict[str, float] = {}
+        for part in reversed(self.pm.hook.nslora_probe_signals(
+                example=example, completion=completion, config=self.config)):
+            signals.update(part or {})
         return ProbeResult(example_id=example.id, completion=completion, rewards=merged,
                            reward=reward, ref_nll=nll, signals=signals)
 

@@ -106,7 +106,8 @@ def is_json(completion: str) -> bool:
 
 
 class BuiltinRewards:
-    """`correctness` always (when the example has an answer); `format` when a format is configured."""
+    """Rewards: `correctness` (when the example has an answer), `format`, `length`, `json` and
+    `exact_match` when configured. Signal: `answer_present` (when the example has an answer)."""
 
     @hookimpl
     def nslora_score_probe(self, example: ProbeExample, completion: str,
@@ -124,3 +125,10 @@ class BuiltinRewards:
         if config.exact_match:
             scores["exact_match"] = float(exact_match(completion, example.reference))
         return scores or None
+
+    @hookimpl
+    def nslora_probe_signals(self, example: ProbeExample, completion: str) -> dict[str, float] | None:
+        """`answer_present`: the right answer appears anywhere in the reply, whatever its form."""
+        if example.answer is None:
+            return None
+        return {"answer_present": float(answer_in_reply(example.answer, completion))}

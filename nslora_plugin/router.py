@@ -31,20 +31,25 @@ weight is small because `answer_missing` measures content directly; NLL is only 
    something still fails → symbolic;   6. otherwise → numerical.
 After `stall_patience` symbolic rounds in a row without an accepted gain, the router cools down
 (numerical only) for `cooldown_checks` checks.
+
+The router's counters (and the learned weights) are its own: they live in `run.stash` under
+`ROUTER_STATE` and are saved to `state.json` under "router" through the state hooks.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
 from .rewards import CONSTRAINT_COMPONENTS
-from .types import FailureLabel, ProbeReport, ProbeResult, RouteDecision, TrainingSignal
+from .run import RunView, StashKey
+from .types import (EditOutcome, FailureLabel, ProbeReport, ProbeResult, RouteDecision,
+                    TrainingSignal)
 
-if TYPE_CHECKING:
-    from .loop import NeurosymbolicLoop
+#: the built-in router's counters and learned weights (JSON-able; saved under "router")
+ROUTER_STATE: StashKey[dict[str, Any]] = StashKey("router")
 
 PRIOR_WEIGHTS: dict[str, float] = {"bias": -1.0, "format_violation": 3.0,
                                    "nll_ratio": -0.5, "wrong": 0.0, "answer_missing": -3.0}
@@ -71,28 +76,32 @@ class PriorRouter:
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         self.weights = dict(weights or PRIOR_WEIGHTS)
 
-    def current_weights(self, loop: "NeurosymbolicLoop") -> dict[str, float]:
+    @staticmethod
+    def state(run: RunView) -> dict[str, Any]:
+        return run.stash.setdefault(ROUTER_STATE, {})
+
+    def current_weights(self, run: RunView | None) -> dict[str, float]:
         return self.weights
 
     @hookimpl(trylast=True)
     def nslora_classify_failure(self, result: ProbeResult, signal: TrainingSignal,
-                                config: NSLoRAConfig, loop: "NeurosymbolicLoop") -> FailureLabel:
+                                config: NSLoRAConfig, run: RunView) -> FailureLabel:
         features = failure_features(result, config)
-        p = p_symbolic(features, self.current_weights(loop))
+        p = p_symbolic(features, self.current_weights(run))
         return FailureLabel(example_id=result.example_id, label="style" if p >= 0.5 else "factual",
                             p_symbolic=round(p, 4), features=features)
 
     @hookimpl(trylast=True)
     def nslora_route(self, signal: TrainingSignal, report: ProbeReport,
                      labels: Sequence[FailureLabel], config: NSLoRAConfig,
-                     loop: "NeurosymbolicLoop") -> RouteDecision:
-        state = loop.router_state
+                     run: RunView) -> RouteDecision:
+        state = self.state(run)
         saturated_now = signal.loss_flat and signal.grad_small
         state["flat_checks"] = state.get("flat_checks", 0) + 1 if saturated_now else 0
         n_fail = len(labels)
         style = [lab for lab in labels if lab.label == "style"]
         style_share = len(style) / n_fail if n_fail else 0.0
-        weights = self.current_weights(loop)
+        weights = self.current_weights(run)
         scores = {**{f"w_{k}": round(v, 4) for k, v in weights.items()},
                   "failures": float(n_fail), "style_share": round(style_share, 4),
                   "mean_p_symbolic": round(sum(lab.p_symbolic for lab in labels) / n_fail, 4) if n_fail else 0.0,
@@ -109,8 +118,9 @@ class PriorRouter:
             return decide("numerical", "every probe example passes; keep training the adapter")
         if state.get("symbolic_rounds", 0) >= config.max_symbolic_rounds:
             return decide("numerical", f"symbolic budget spent ({config.max_symbolic_rounds} rounds)")
-        if not loop.editing_available:
-            return decide("numerical", f"no editor available ({loop.editor_unavailable_reason})")
+        editor = run.editor
+        if not editor.available:
+            return decide("numerical", f"no editor available ({editor.reason})")
         if state.get("cooldown", 0) > 0:
             state["cooldown"] -= 1
             return decide("numerical", "symbolic edits stalled recently; cooling down with LoRA updates "
@@ -131,6 +141,18 @@ class PriorRouter:
         return decide("numerical", f"{n_fail - len(style)}/{n_fail} failures look factual "
                       f"and loss still moves (C1={_fmt(signal.c1)}); keep training LoRA")
 
+    @hookimpl
+    def nslora_after_round(self, step: int, outcome: EditOutcome | None, run: RunView) -> None:
+        record_symbolic_outcome(self.state(run), bool(outcome and outcome.accepted), run.config)
+
+    @hookimpl
+    def nslora_save_state(self, run: RunView) -> dict[str, Any]:
+        return {"router": self.state(run)}
+
+    @hookimpl
+    def nslora_load_state(self, state: dict[str, Any], run: RunView) -> None:
+        run.stash[ROUTER_STATE] = dict(state.get("router", {}))
+
 
 class LearnedRouter(PriorRouter):
     """The prior classifier, updated online from what actually happened.
@@ -145,22 +167,27 @@ class LearnedRouter(PriorRouter):
     with every decision.
     """
 
-    def current_weights(self, loop: "NeurosymbolicLoop") -> dict[str, float]:
-        return loop.router_state.setdefault("weights", dict(self.weights))
+    def current_weights(self, run: RunView | None) -> dict[str, float]:
+        if run is None:
+            return self.weights
+        return self.state(run).setdefault("weights", dict(self.weights))
 
     @hookimpl
-    def nslora_on_decision(self, record: Any, loop: "NeurosymbolicLoop") -> None:
-        state = loop.router_state
-        if record.kind == "route" and loop.reports:
-            report = loop.reports[-1]
-            self._learn(state, report, loop.config)
-            state["last_check"] = {r.example_id: [r.reward, failure_features(r, loop.config)]
-                                   for r in report.results if not r.passed}
-        elif record.kind == "edit" and state.get("last_check"):
-            after = {r.example_id: r.reward for r in loop.reports[-1].results} \
-                if record.payload.get("accepted") else {}
-            state["pending"] = {eid: [r0, after.get(eid, r0), feats]
-                                for eid, (r0, feats) in state["last_check"].items()}
+    def nslora_after_route(self, decision: RouteDecision, report: ProbeReport, run: RunView) -> None:
+        state = self.state(run)
+        self._learn(state, report, run.config)
+        state["last_check"] = {r.example_id: [r.reward, failure_features(r, run.config)]
+                               for r in report.results if not r.passed}
+
+    @hookimpl
+    def nslora_after_round(self, step: int, outcome: EditOutcome | None, run: RunView) -> None:
+        super().nslora_after_round(step, outcome, run)
+        state = self.state(run)
+        if outcome is None or not state.get("last_check"):
+            return
+        after = {r.example_id: r.reward for r in run.reports[-1].results} if outcome.accepted else {}
+        state["pending"] = {eid: [r0, after.get(eid, r0), feats]
+                            for eid, (r0, feats) in state["last_check"].items()}
 
     def _learn(self, state: dict, report: ProbeReport, config: NSLoRAConfig) -> None:
         pending = state.pop("pending", None)

@@ -154,3 +154,17 @@ class DecisionRecord(_Serializable):
     kind: Literal["route", "edit", "fault", "start", "end", "resume", "question_edits"]
     step: int
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EditorStatus(_Serializable):
+    """One editor's answer to "can you edit now?" (`nslora_editor_start`, `nslora_editor_status`)."""
+
+    editor: str
+    ready: bool
+    #: why it cannot edit, when not ready (shown in route reasons and fault records)
+    reason: str = ""
+    #: True for editors that call an external LLM (reported as `llm_editor_ready`)
+    uses_llm: bool = False
+    #: True once the run's editor budget is spent: no symbolic round runs after that, by any editor
+    budget_spent: bool = False

@@ -290,13 +290,13 @@ class FaultSchedule:
         self.snapshots: dict[int, dict[str, str]] = {}
 
     @hookimpl
-    def nslora_on_decision(self, record: Any, loop: Any) -> None:
+    def nslora_on_decision(self, record: Any, run: Any) -> None:
         if record.kind != "route" or record.step not in self.modes:
             return
         self.snapshots[record.step] = {
-            name: loop.artifacts.path(name).read_text() for name in
+            name: run.path(name).read_text() for name in
             ("decisions.jsonl", "prompt_history.jsonl", "prompt.json", "probe_reports.jsonl")
-            if loop.artifacts.path(name).is_file()}
+            if run.path(name).is_file()}
         settings = dict(self.modes[record.step])
         die_in = settings.pop("die_in", None)
         if die_in is not None:  # crash after `die_in` more chat calls, i.e. in the middle of the round

@@ -373,5 +373,5 @@ def test_local_backend_missing_model_fails_fast(tmp_path, tokenizer, rows):
     loop = NeurosymbolicLoop(cfg.replace(on_editor_down="numerical", editor_backend="litellm",
                                          editor_model=None),
                              tokenizer, load_probe_examples(rows), output_dir=tmp_path / "run2")
-    loop._check_editor()
+    loop._start_editors()
     assert not loop.llm_editor_ready and "editor_model is not set" in loop.editor_unavailable_reason

@@ -8,8 +8,10 @@ import pytest
 from nslora_plugin import NSLoRAConfig, load_artifacts
 from nslora_plugin.data import make_word_problems
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.router import PRIOR_WEIGHTS, LearnedRouter, failure_features, p_symbolic
-from nslora_plugin.types import ProbeReport, ProbeResult
+from nslora_plugin.router import (PRIOR_WEIGHTS, ROUTER_STATE, LearnedRouter, failure_features,
+                                  p_symbolic)
+from nslora_plugin.run import EditorAvailability, Stash
+from nslora_plugin.types import EditOutcome, ProbeReport, ProbeResult
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
 
@@ -61,7 +63,7 @@ def _route(labels_from, accepted_edits: int):
     labels = [router.nslora_classify_failure(r, None, cfg, None) for r in report.results]
     host = RouterHost(cfg)
     host.router_state["accepted_edits"] = accepted_edits
-    host.editing_available = True
+    host.editor = EditorAvailability(available=True, llm_ready=False)
     signal = TrainingSignal(step=5, loss=1.0, c1=-0.5, c2=3.0, loss_flat=False, grad_small=False)
     return router.nslora_route(signal, report, labels, cfg, host)
 
@@ -78,17 +80,28 @@ def test_a_constraint_no_prompt_states_yet_gets_one_symbolic_round() -> None:
 
 
 class RouterHost:
-    """Only the attributes LearnedRouter reads; the reports are real ProbeReports."""
+    """Only the parts of the run view the router reads; the reports are real ProbeReports and the
+    store is the real `Stash`."""
 
     def __init__(self, config):
         self.config = config
-        self.router_state: dict = {}
+        self.stash = Stash()
         self.reports: list[ProbeReport] = []
+        self.editor = EditorAvailability(available=False, llm_ready=False, reason="none")
+
+    @property
+    def router_state(self) -> dict:
+        return self.stash.setdefault(ROUTER_STATE, {})
 
 
-class Rec:
-    def __init__(self, kind, payload=None):
-        self.kind, self.payload = kind, payload or {}
+def check(router, loop):  # what the loop calls after a check's routing decision
+    router.nslora_after_route(decision=None, report=loop.reports[-1], run=loop)
+
+
+def round_done(router, loop, accepted):  # ... and after a symbolic round
+    outcome = EditOutcome(step=0, editor="constraint", candidate="", accepted=accepted,
+                          reward_before=0.0, reward_after=None, reason="", prompt_version=0)
+    router.nslora_after_round(step=0, outcome=outcome, run=loop)
 
 
 def test_learned_router_moves_towards_what_helped() -> None:
@@ -96,22 +109,22 @@ def test_learned_router_moves_towards_what_helped() -> None:
     router, loop = LearnedRouter(), RouterHost(cfg)
     # check 1: two compliant-but-wrong failures (prior says factual)
     loop.reports.append(ProbeReport(1, 0, [result("x", 0, 1, 0.5), result("y", 0, 1, 0.5)]))
-    router.nslora_on_decision(Rec("route"), loop)
+    check(router, loop)
     p_before = p_symbolic(failure_features(loop.reports[0].results[0], cfg), router.current_weights(loop))
     # the prompt edit fixed both; the following LoRA window changed nothing
     loop.reports.append(ProbeReport(1, 1, [result("x", 1, 1, 0.5), result("y", 1, 1, 0.5)]))
-    router.nslora_on_decision(Rec("edit", {"accepted": True}), loop)
+    round_done(router, loop, accepted=True)
     loop.reports.append(ProbeReport(2, 1, [result("x", 1, 1, 0.5), result("y", 1, 1, 0.5)]))
-    router.nslora_on_decision(Rec("route"), loop)
+    check(router, loop)
     p_after = p_symbolic(failure_features(loop.reports[0].results[0], cfg), router.current_weights(loop))
     assert loop.router_state["observations"] == 2
     assert p_after > p_before  # it learned that such failures are the prompt's to fix
     # and the opposite evidence pushes it back down
     loop.reports.append(ProbeReport(3, 1, [result("x", 0, 1, 0.5)]))
-    router.nslora_on_decision(Rec("route"), loop)
-    router.nslora_on_decision(Rec("edit", {"accepted": False}), loop)  # the edit did nothing
+    check(router, loop)
+    round_done(router, loop, accepted=False)  # the edit did nothing
     loop.reports.append(ProbeReport(4, 1, [result("x", 1, 1, 0.5)]))  # ... LoRA fixed it
-    router.nslora_on_decision(Rec("route"), loop)
+    check(router, loop)
     p_final = p_symbolic(failure_features(loop.reports[0].results[0], cfg), router.current_weights(loop))
     assert p_final < p_after
 

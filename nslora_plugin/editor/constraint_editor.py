@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
-from ..types import EditProposal, ProbeResult
+from ..types import EditorStatus, EditProposal, ProbeResult
 
 NAME = "constraint"
 
@@ -46,6 +46,14 @@ def violated_constraints(failures: Sequence[ProbeResult], config: NSLoRAConfig) 
 
 class ConstraintEditor:
     name = NAME
+
+    @hookimpl
+    def nslora_editor_start(self) -> EditorStatus:
+        return EditorStatus(NAME, ready=True)  # no LLM: always able to edit
+
+    @hookimpl
+    def nslora_editor_status(self) -> EditorStatus:
+        return EditorStatus(NAME, ready=True)
 
     @hookimpl(trylast=True)
     def nslora_propose_edit(self, prompt: str, failures: Sequence[ProbeResult],

@@ -20,7 +20,7 @@ optimizer prompt is identical across runs whatever order concurrent calls finish
 sees the whole prompt (TextGrad shows it only its first and last 10 words); a missing
 `<IMPROVED_VARIABLE>` tag gets one repair call and otherwise the old prompt stays; a candidate
 with chat-template tokens or over `max_prompt_chars` is dropped before it reaches the gate; every
-fault is reported once through `loop.record_fault` and never raised into the trainer.
+fault is reported once through `run.record_fault` and never raised into the trainer.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from ..chat import chat_messages
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
-from ..types import EditProposal, ProbeExample, ProbeReport, ProbeResult
+from ..run import RunView
+from ..types import EditorStatus, EditProposal, ProbeExample, ProbeReport, ProbeResult
 from .budget import (TRANSPORT_FAULTS, Budget, EditorBudgetSpent, EditorError, EditorNoTags,
                      EditorOverlongCandidate, EditorUnsafeCandidate, Usage)
 from .cache import ReplyCache
@@ -43,9 +44,6 @@ from .constraint_editor import constraint_statements
 from .engine import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
 from .textgrad_env import import_textgrad
 from ..util import GENERIC_MARKER, ROLE_MARKERS
-
-if TYPE_CHECKING:
-    from ..loop import NeurosymbolicLoop
 
 log = logging.getLogger("nslora")
 
@@ -153,40 +151,71 @@ class TextGradEditor:
         self.budget: Budget | None = None
         self.pending_questions: dict[str, dict[str, Any]] = {}
         self._suspect = False  # the last round ended on a transport fault: health-check first
+        self.started = False
+        self.down_reason = ""  # why the start-up check failed
+        self.budget_reason = ""  # why the run budget is spent, once it is (this run only)
 
-    # ---------------------------------------------------------------- lifecycle
-    def connect(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop | None" = None) -> EditorClient:
+    # ---------------------------------------------------------------- lifecycle hooks
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.down_reason and not self.budget_reason
+
+    def status(self) -> EditorStatus:
+        reason = self.budget_reason or self.down_reason or ("" if self.started else "not started")
+        return EditorStatus(NAME, ready=self.ready, reason=reason, uses_llm=True,
+                            budget_spent=bool(self.budget_reason))
+
+    @hookimpl
+    def nslora_editor_start(self, config: NSLoRAConfig, run: RunView) -> EditorStatus:
+        self.down_reason = self.startup_problem(config, run) or ""
+        self.started = True
+        return self.status()
+
+    @hookimpl
+    def nslora_editor_status(self, config: NSLoRAConfig, run: RunView) -> EditorStatus:
+        return self.status()
+
+    @hookimpl
+    def nslora_editor_usage(self, run: RunView) -> dict[str, Any]:
+        return self.usage.to_dict()
+
+    @hookimpl
+    def nslora_load_state(self, state: dict[str, Any], run: RunView) -> None:
+        if state.get("usage"):  # a resumed run keeps counting against the same run budget
+            self.usage.load(state["usage"])
+
+    def connect(self, config: NSLoRAConfig, run: RunView | None = None) -> EditorClient:
         if self.client is None:
             self.budget = Budget(config, self.usage)
             cache = None
-            if config.editor_cache and loop is not None:
-                cache = ReplyCache(loop.artifacts.path("editor_cache"))
+            if config.editor_cache and run is not None:
+                cache = ReplyCache(run.path("editor_cache"))
             self.client = make_client(config, self.usage, self.budget, cache)
         return self.client
 
-    def startup_problem(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop") -> str | None:
+    def startup_problem(self, config: NSLoRAConfig, run: RunView) -> str | None:
         """Health check at the start of a run: None when the editor LLM can be used, else why not."""
         problem = configuration_problem(config)
         if problem:
             return problem
         try:
-            client = self.connect(config, loop)
+            client = self.connect(config, run)
             client.health()
         except Exception as exc:
             what = "editor model unavailable" if config.editor_backend == "local" else "editor endpoint unreachable"
             text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
             return f"{what} ({self.client.redact(text) if self.client else text})"
-        self._check_run_budget(config, loop)  # a resumed run may have spent it already
+        self._check_run_budget(config, run)  # a resumed run may have spent it already
         return None
 
     def calls_per_example(self, config: NSLoRAConfig) -> int:
         return 3 + (2 if config.edit_questions else 0)
 
-    def _check_run_budget(self, config: NSLoRAConfig, loop: "NeurosymbolicLoop",
+    def _check_run_budget(self, config: NSLoRAConfig, run: RunView,
                           refused: EditorError | None = None) -> None:
         """Close the editor for the rest of the run once its run budget cannot pay for a round
         (or just refused a call)."""
-        if self.budget is None or getattr(loop, "editor_budget_reason", ""):
+        if self.budget is None or self.budget_reason:
             return
         if isinstance(refused, EditorBudgetSpent) and refused.scope == "run":
             reason = str(refused)
@@ -195,10 +224,8 @@ class TextGradEditor:
         if reason is None:
             return
         self.usage.budget_spent = reason
-        loop.editor_budget_reason = reason
-        loop.llm_editor_ready = False
-        loop.editor_unavailable_reason = f"editor budget spent: {reason}"
-        loop.record_fault("budget", EditorBudgetSpent(
+        self.budget_reason = reason
+        run.record_fault("budget", EditorBudgetSpent(
             f"the editor budget of this run is spent ({reason}); the router stays numerical from "
             "now on", "run"))
 
@@ -207,47 +234,47 @@ class TextGradEditor:
     def nslora_propose_edit(self, prompt: str, failures: Sequence[ProbeResult],
                             examples: dict[str, ProbeExample], report: ProbeReport,
                             config: NSLoRAConfig, tried: tuple[str, ...],
-                            loop: "NeurosymbolicLoop") -> EditProposal | None:
-        if NAME in tried or not failures or not loop.llm_editor_ready:
+                            run: RunView) -> EditProposal | None:
+        if NAME in tried or not failures or not self.ready:
             return None
         self.pending_questions = {}
-        client = self.connect(config, loop)
+        client = self.connect(config, run)
         assert self.budget is not None
-        tg = import_textgrad(loop.artifacts.path("editor_logs"))  # before the clock starts
+        tg = import_textgrad(run.path("editor_logs"))  # before the clock starts
         before = (self.usage.calls, self.usage.tokens_used(), self.usage.cached_calls,
                   self.usage.failed_calls)
         self.budget.start_round()
         proposal: EditProposal | None = None
         fault: EditorError | None = None
         try:
-            proposal = self._round(tg, prompt, failures, examples, config, loop, client)
+            proposal = self._round(tg, prompt, failures, examples, config, run, client)
         except EditorError as exc:  # an editor fault must never reach the trainer
             fault = exc
             self._suspect = isinstance(exc, TRANSPORT_FAULTS)
-            loop.record_fault(NAME, exc)
+            run.record_fault(NAME, exc)
         except Exception as exc:  # not an LLM fault (TextGrad, a plugin): reported the same way
             text = " ".join(f"unexpected {type(exc).__name__} in the editor round: {exc}".split())
-            loop.record_fault(NAME, EditorError(client.redact(text)[:300]))
+            run.record_fault(NAME, EditorError(client.redact(text)[:300]))
         finally:
             seconds = self.budget.end_round()
             spent = {"calls": self.usage.calls - before[0],
                      "tokens": self.usage.tokens_used() - before[1],
                      "cached": self.usage.cached_calls - before[2],
                      "failed": self.usage.failed_calls - before[3], "seconds": round(seconds, 3),
-                     "step": loop.last_check_step}
+                     "step": run.step}
             self.usage.last_round = spent
             log.info("NSLoRA editor round at step %s: %d calls (%d cached, %d failed), %d tokens, "
                      "%.1f s; run: %d calls, %d tokens, %.1f s", spent["step"], spent["calls"],
                      spent["cached"], spent["failed"], spent["tokens"], seconds, self.usage.calls,
                      self.usage.tokens_used(), self.usage.wall_seconds)
-            self._check_run_budget(config, loop, fault)
+            self._check_run_budget(config, run, fault)
         if proposal is not None:
             proposal.meta["usage"] = spent
         return proposal
 
     # ---------------------------------------------------------------- one round
     def _round(self, tg: Any, prompt: str, failures: Sequence[ProbeResult],
-               examples: dict[str, ProbeExample], config: NSLoRAConfig, loop: "NeurosymbolicLoop",
+               examples: dict[str, ProbeExample], config: NSLoRAConfig, run: RunView,
                client: EditorClient) -> EditProposal | None:
         assert self.budget is not None
         if self._suspect:  # the endpoint failed last round: a cheap check before spending calls
@@ -260,7 +287,7 @@ class TextGradEditor:
                                     f"({per_example} calls + 1 update)", "round")
         batch = sorted(failures, key=lambda r: r.example_id)[:size]
         answers = {(prompt, examples[r.example_id].question): r.completion for r in batch}
-        student = make_lookup_engine(answers, loop.generate_one)
+        student = make_lookup_engine(answers, run.generate)
         statements = list(constraint_statements(config).values())
         constraint_lines = "".join(f"Required form of every reply: {s}\n" for s in statements)
         workers = 1 if client.sequential else max(1, min(config.editor_concurrency, len(batch)))
@@ -275,7 +302,7 @@ class TextGradEditor:
             if budget_error is not None or not done:
                 raise budget_error or errors[0]  # type: ignore[misc]
             if errors:  # a partial batch still makes a step; the fault is on record
-                loop.record_fault(NAME, errors[0])
+                run.record_fault(NAME, errors[0])
 
             system = show_whole(tg.Variable(prompt, requires_grad=True,
                                             role_description=ROLE_SYSTEM_PROMPT))
@@ -291,9 +318,9 @@ class TextGradEditor:
                 question_futures = [(r, pool.submit(self._question_step, tg, client, r, examples))
                                     for r in done if r.question is not None]
             candidate, repaired, sent = self._step(tg, client, system, prompt, constraints)
-            question_meta = self._collect_questions(question_futures, examples, loop)
+            question_meta = self._collect_questions(question_futures, examples, run)
 
-        problem = candidate_problem(candidate, config, loop.tokenizer)
+        problem = candidate_problem(candidate, config, run.tokenizer)
         if problem is not None:
             for request in sent:  # do not replay the unusable replies from the cache
                 client.forget(*request)
@@ -361,7 +388,7 @@ class TextGradEditor:
         return value
 
     def _collect_questions(self, futures: list[tuple[_ExampleGrads, Any]],
-                           examples: dict[str, ProbeExample], loop: "NeurosymbolicLoop") -> dict[str, str]:
+                           examples: dict[str, ProbeExample], run: RunView) -> dict[str, str]:
         """Keep the rewrites that pass the cheap symbolic checks; the model check comes later."""
         verdicts: dict[str, str] = {}
         for grads, fut in futures:
@@ -369,28 +396,28 @@ class TextGradEditor:
             try:
                 new = fut.result()
             except EditorError as exc:
-                loop.record_fault(f"{NAME}.question", exc)
+                run.record_fault(f"{NAME}.question", exc)
                 verdicts[grads.example_id] = f"no rewrite ({type(exc).__name__})"
                 continue
-            problem = question_problem(original, new, loop.tokenizer)
+            problem = question_problem(original, new, run.tokenizer)
             if problem:
                 verdicts[grads.example_id] = f"rejected: {problem}"
                 continue
             self.pending_questions[grads.example_id] = {"question": new, "original": original,
-                                                        "step": loop.last_check_step}
+                                                        "step": run.step}
             verdicts[grads.example_id] = "pending the model check"
         return verdicts
 
     @hookimpl
     def nslora_augment_examples(self, prompt: str, report: ProbeReport, before: ProbeReport,
                                 examples: dict[str, ProbeExample], config: NSLoRAConfig,
-                                loop: "NeurosymbolicLoop") -> list[dict[str, Any]] | None:
+                                run: RunView) -> list[dict[str, Any]] | None:
         """Rewritten questions enter the training data only if, under the prompt now in force,
         the model's reply to the rewrite still earns correctness 1."""
         if not config.edit_questions or not self.pending_questions:
             return None
         pending, self.pending_questions = self.pending_questions, {}
-        return verify_question_edits(pending, prompt, report.prompt_version, examples, config, loop)
+        return verify_question_edits(pending, prompt, report.prompt_version, examples, config, run)
 
 
 def candidate_problem(candidate: str | None, config: NSLoRAConfig, tokenizer: Any = None) -> EditorError | None:
@@ -428,7 +455,7 @@ def question_problem(original: str, new: str | None, tokenizer: Any = None) -> s
 
 def verify_question_edits(pending: dict[str, dict[str, Any]], prompt: str, prompt_version: int,
                           examples: dict[str, ProbeExample], config: NSLoRAConfig,
-                          loop: "NeurosymbolicLoop") -> list[dict[str, Any]]:
+                          run: RunView) -> list[dict[str, Any]]:
     from ..rewards import format_compliant
 
     rows: list[dict[str, Any]] = []
@@ -441,8 +468,8 @@ def verify_question_edits(pending: dict[str, dict[str, Any]], prompt: str, promp
             continue
         rewritten = ProbeExample(id=ex.id, question=item["question"], reference=ex.reference,
                                  answer=ex.answer)
-        reply = loop.generate_one(prompt, rewritten.question)
-        result = loop.evaluator.score(rewritten, reply, 0.0)
+        reply = run.generate(prompt, rewritten.question)
+        result = run.score(rewritten, reply)
         if result.rewards.get("correctness", 0.0) < 1.0:
             verdicts[example_id] = "rejected: the model's reply to it misses the reference answer"
             continue
@@ -459,6 +486,5 @@ def verify_question_edits(pending: dict[str, dict[str, Any]], prompt: str, promp
     accepted = sum(v == "accepted" for v in verdicts.values())
     log.info("NSLoRA question edits: %d/%d rewritten questions verified under the current prompt "
              "and added to the training data", accepted, len(verdicts))
-    loop.record("question_edits", loop.last_check_step if loop.last_check_step >= 0 else 0,
-                {"verdicts": verdicts, "rows": len(rows), "prompt_version": prompt_version})
+    run.record("question_edits", {"verdicts": verdicts, "rows": len(rows), "prompt_version": prompt_version})
     return rows

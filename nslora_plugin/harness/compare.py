@@ -26,8 +26,6 @@ completion, recorded by a decision listener at the moment of the check).
 
 from __future__ import annotations
 
-from ..util import read_jsonl_tolerant
-
 import argparse
 import json
 import os
@@ -41,8 +39,10 @@ from typing import Any
 
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
-from .tasks import Task, load_task
+from ..run import RunView
 from ..types import ProbeReport, RouteDecision
+from ..util import read_jsonl_tolerant
+from .tasks import Task, load_task
 
 ARMS = ("numerical", "symbolic", "neurosymbolic")
 ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
@@ -98,12 +98,12 @@ class GroundTruthRecorder:
         self.rows: list[dict[str, Any]] = []
 
     @hookimpl
-    def nslora_on_decision(self, record: Any, loop: Any) -> None:
-        if record.kind != "route" or not loop.reports:
+    def nslora_on_decision(self, record: Any, run: RunView) -> None:
+        if record.kind != "route" or not run.reports:
             return
-        report: ProbeReport = loop.reports[-1]
+        report: ProbeReport = run.reports[-1]
         for r in report.failures:
-            example = loop.examples[r.example_id]
+            example = run.examples[r.example_id]
             self.rows.append({"step": record.step, "example_id": r.example_id,
                               "kind": self.task.failure_kind(example.answer, r.completion),
                               "rewards": r.rewards, "ref_nll": round(r.ref_nll, 4),
@@ -116,7 +116,7 @@ class NumericalOnlyRoute:
 
     @hookimpl(tryfirst=True)
     def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
-                     config: NSLoRAConfig, loop: Any) -> RouteDecision:
+                     config: NSLoRAConfig) -> RouteDecision:
         return RouteDecision(step=signal.step, action="numerical",
                              reason="numerical-only arm: LoRA updates only",
                              scores={"failures": float(len(labels))}, labels=list(labels),
@@ -129,8 +129,8 @@ class SymbolicOnlyRoute:
 
     @hookimpl(tryfirst=True)
     def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
-                     config: NSLoRAConfig, loop: Any) -> RouteDecision:
-        rounds = loop.router_state.get("symbolic_rounds", 0)
+                     config: NSLoRAConfig, run: RunView) -> RouteDecision:
+        rounds = run.decision_counts["symbolic"]  # one symbolic round per symbolic decision
         scores = {"failures": float(len(labels)), "symbolic_rounds": float(rounds)}
 
         def decide(action: str, reason: str) -> RouteDecision:
@@ -143,8 +143,9 @@ class SymbolicOnlyRoute:
         if rounds >= config.max_symbolic_rounds:
             return decide("numerical", "symbolic-only arm: editor budget spent; no update "
                           "(weights are frozen in this arm)")
-        if not loop.editing_available:
-            return decide("numerical", f"symbolic-only arm: no editor ({loop.editor_unavailable_reason})")
+        editor = run.editor
+        if not editor.available:
+            return decide("numerical", f"symbolic-only arm: no editor ({editor.reason})")
         return decide("symbolic", "symbolic-only arm: a symbolic round at every check")
 
 
