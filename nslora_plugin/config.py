@@ -2,8 +2,9 @@
 
 The config is flat on purpose: each field maps one-to-one to a CLI flag (`--nslora_<field>`), an
 Axolotl / LLaMA-Factory YAML key (`nslora_<field>`) and a YAML/JSON key, so a user never has to
-learn a second naming scheme. Fields are grouped by the concept they belong to (run, monitor,
-router, probe, editor, constraints, data mix); the group is the first word of each comment.
+learn a second naming scheme. This module is the one schema: each field's help text, group and
+range live in its metadata and its allowed values in its `Literal` type; `config_fields()` hands
+them to the adapters, which generate their flags and keys from it.
 
 Where the paper is silent (thresholds, schedules) the defaults below are our choice; the README's
 "Configuration" table explains each one.
@@ -18,18 +19,25 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from functools import lru_cache
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from .util import parse_bool
 
-__all__ = ["NSLoRAConfig", "NSLoRAConfigError"]
+__all__ = ["NSLoRAConfig", "NSLoRAConfigError", "FieldSpec", "config_fields"]
 
-EDITORS = ("textgrad", "constraint", "none")
-FALLBACKS = ("constraint", "none")
-EDITOR_BACKENDS = ("openai", "litellm", "local")
-ON_EDITOR_DOWN = ("numerical", "fail")
-TIE_BREAKS = ("nll", "accept", "reject")
-ROUTERS = ("prior", "learned")
+#: what `check` in a field's metadata allows, and the words an error uses for it
+CHECKS = {"positive": "a number > 0", "non_negative": "a number >= 0",
+          "unit": "a number between 0 and 1"}
+
+
+def _opt(default: Any, group: str, help: str, *, check: str | None = None) -> Any:
+    """A config field with its help text, group and range check in the metadata (`default` may
+    be a factory such as `list`)."""
+    metadata = {"help": help, "group": group, "check": check}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class NSLoRAConfigError(ValueError):
@@ -44,131 +52,184 @@ class NSLoRAConfigError(ValueError):
 @dataclass
 class NSLoRAConfig:
     """All settings of the neurosymbolic loop. Build with `NSLoRAConfig(...)`, `from_dict`,
-    `from_yaml` or `from_cli`; every constructor validates and raises `NSLoRAConfigError`."""
+    `from_yaml` or `from_cli`; every constructor validates and raises `NSLoRAConfigError`.
 
-    # run: switch, artifacts folder (None: `<trainer output_dir>/nslora`), initial system prompt
-    # (the system message the training rows carry; None: the chat template's default one), seed.
-    enabled: bool = True
-    output_dir: str | None = None
-    system_prompt: str | None = None
-    seed: int = 0
+    Each field's metadata carries its help text, its group and its range; allowed values are the
+    `Literal` of its type. `config_fields()` reads them, and the TRL flags, the Axolotl schema and
+    the LLaMA-Factory keys are generated from it."""
 
-    # monitor: number of optimizer steps in the loss / grad-norm window; `C1` (relative change of
-    # the windowed loss) counts as flat when |C1| < loss_change_threshold, `C2` (windowed mean
-    # gradient norm) counts as small when below grad_norm_threshold; both for `saturation_patience`
-    # checks in a row mean numerical training has saturated.
-    monitor_window: int = 10
-    loss_change_threshold: float = 0.02
-    grad_norm_threshold: float = 1.0
-    saturation_patience: int = 2
+    # run
+    enabled: bool = _opt(True, "run", "Switch NSLoRA on or off (`nslora: true` in framework YAMLs).")
+    output_dir: Optional[str] = _opt(
+        None, "run", "Folder for the NSLoRA artifacts; None means <trainer output_dir>/nslora.")
+    system_prompt: Optional[str] = _opt(
+        None, "run", "The system message of the training rows: the prompt NSLoRA starts from and "
+        "rewrites. None: the chat template's default system prompt.")
+    seed: int = _opt(0, "run", "Seed for probe sampling, batch mixing and held-out splits.",
+                     check="non_negative")
 
-    # router: "prior" (fixed interpretable weights) or "learned" (the same weights, updated online
-    # with `router_learning_rate` from the reward changes that followed each kind of update);
-    # check every `check_every` optimizer steps (first check not before `warmup_steps`; with
-    # `check_at_start` also on the baseline probe before the first step, so what the prompt can
-    # fix is fixed before the weights start learning it);
-    # a failure whose reference NLL per token is above `nll_threshold` looks factual; a symbolic
-    # round runs when at least `style_share_threshold` of the failures look like style/constraint
-    # problems, or when numerical training saturated; at most `max_symbolic_rounds` rounds;
-    # after `stall_patience` symbolic rounds in a row without an accepted gain the router stays
-    # numerical for `cooldown_checks` checks.
-    router: str = "prior"
-    router_learning_rate: float = 0.5
-    check_every: int = 20
-    warmup_steps: int = 0
-    check_at_start: bool = False
-    nll_threshold: float = 1.5
-    style_share_threshold: float = 0.5
-    max_symbolic_rounds: int = 4
-    stall_patience: int = 1
-    cooldown_checks: int = 2
+    # monitor: C1 is the relative change of the windowed loss, C2 the windowed mean gradient norm
+    monitor_window: int = _opt(10, "monitor", "Optimizer steps in the loss / gradient-norm window.",
+                               check="positive")
+    loss_change_threshold: float = _opt(
+        0.02, "monitor", "|C1| (relative change of the windowed loss) below this counts as flat.",
+        check="non_negative")
+    grad_norm_threshold: float = _opt(
+        1.0, "monitor", "C2 (windowed mean gradient norm) below this counts as small.",
+        check="non_negative")
+    saturation_patience: int = _opt(
+        2, "monitor", "Checks in a row with flat loss and small gradients that mean numerical "
+        "training has saturated (then a symbolic round may run).", check="positive")
 
-    # probe: held-out examples scored at each check (JSONL with `messages` or `question`/`answer`;
-    # None: given in code, or taken from the trainer's eval dataset), generation settings;
-    # probe_stop_at_answer ends a reply's generation at the first complete line that matches
-    # answer_format (when no length / JSON / exact-match reward needs the whole reply).
-    probe_path: str | None = None
-    probe_size: int = 16
-    probe_max_new_tokens: int = 96
-    probe_batch_size: int = 8
-    probe_stop_at_answer: bool = True
+    # router
+    router: Literal["prior", "learned"] = _opt(
+        "prior", "router", "'prior': fixed interpretable classifier weights; 'learned': the same "
+        "weights, updated online from the reward changes that followed each kind of update.")
+    router_learning_rate: float = _opt(
+        0.5, "router", "SGD step of the learned router per observation.", check="positive")
+    check_every: int = _opt(20, "router", "Run a check (probe + routing decision) every N "
+                            "optimizer steps.", check="positive")
+    warmup_steps: int = _opt(0, "router", "No check before this optimizer step.",
+                             check="non_negative")
+    check_at_start: bool = _opt(
+        False, "router", "Also check on the baseline probe before the first step, so what the "
+        "prompt can fix is fixed before the weights start learning it.")
+    nll_threshold: float = _opt(
+        1.5, "router", "A failure whose reference NLL per token is above this looks factual "
+        "(a job for LoRA).", check="positive")
+    style_share_threshold: float = _opt(
+        0.5, "router", "A symbolic round runs when at least this share of the failures look like "
+        "style / constraint problems.", check="unit")
+    max_symbolic_rounds: int = _opt(4, "router", "At most this many prompt-rewrite rounds per run.",
+                                    check="non_negative")
+    stall_patience: int = _opt(
+        1, "router", "Symbolic rounds in a row without an accepted gain before a cool-down.",
+        check="positive")
+    cooldown_checks: int = _opt(2, "router", "Checks that stay numerical after a stall.",
+                                check="non_negative")
 
-    # editor: which plugin proposes prompt edits first, and what runs when its candidate fails the
-    # gate; endpoint of the editor LLM (any OpenAI-compatible server); the API key is read from the
-    # environment variable *named* by editor_api_key_env, never stored. The validation gate
-    # accepts a candidate only if probe reward does not drop (new >= old + acceptance_margin); on
-    # an exact tie `gate_tie_break` decides: "nll" accepts only if the reference NLL falls (the
-    # model finds the right replies likelier under the new prompt), "accept" / "reject" as named.
-    editor: str = "textgrad"
-    editor_fallback: str = "constraint"
-    editor_base_url: str | None = None
-    editor_model: str | None = None
-    editor_api_key_env: str = "OPENAI_API_KEY"
-    editor_timeout: float = 120.0
-    editor_temperature: float = 0.0
-    editor_max_tokens: int = 512
-    editor_batch_size: int = 3
-    on_editor_down: str = "numerical"
-    acceptance_margin: float = 0.0
-    gate_tie_break: str = "nll"
-    max_prompt_chars: int = 2000
+    # probe
+    probe_path: Optional[str] = _opt(
+        None, "probe", "JSONL of held-out probe rows (`messages`, `question`/`answer` or "
+        "`prompt`/`completion`). None: given in code, or taken from the trainer's eval dataset.")
+    probe_size: int = _opt(16, "probe", "Probe examples scored at each check.", check="positive")
+    probe_max_new_tokens: int = _opt(96, "probe", "Greedy tokens generated per probe example.",
+                                     check="positive")
+    probe_batch_size: int = _opt(
+        8, "probe", "Probe examples per generation batch (bounds the probe's KV-cache memory).",
+        check="positive")
+    probe_stop_at_answer: bool = _opt(
+        True, "probe", "End a probe reply at its first complete line matching answer_format (when "
+        "no length / JSON / exact-match reward needs the whole reply).")
 
-    # editor backend and calls (issue 3): `editor_backend` "openai" (any OpenAI-compatible
-    # endpoint at editor_base_url), "litellm" (editor_model is a LiteLLM model string such as
-    # "ollama/llama3"; editor_base_url, if set, is its api_base) or "local" (editor_model is a model
-    # folder run in-process with transformers). `editor_concurrency` independent calls of a round
-    # run at once (1 = sequential); `editor_retries` retries a call on HTTP 5xx/429 or a refused
-    # connection; `editor_cache` keeps replies under <artifacts>/editor_cache, keyed on backend,
-    # endpoint, model, messages, temperature and max_tokens. `edit_questions` also rewrites failing
-    # probe questions; a rewrite becomes a training row only if, under the current prompt, the
-    # model's reply to it still earns correctness 1.
-    editor_backend: str = "openai"
-    editor_concurrency: int = 4
-    editor_retries: int = 1
-    editor_cache: bool = True
-    edit_questions: bool = False
+    # editor and the validation gate
+    editor: Literal["textgrad", "constraint", "none"] = _opt(
+        "textgrad", "editor", "Which built-in editor proposes prompt rewrites first ('none': no "
+        "built-in editor; an editor plugin may still edit).")
+    editor_fallback: Literal["constraint", "none"] = _opt(
+        "constraint", "editor", "What runs when the editor's candidate fails the gate or the "
+        "editor is down.")
+    editor_base_url: Optional[str] = _opt(
+        None, "editor", "OpenAI-compatible endpoint of the editor LLM (vLLM, Ollama, OpenAI, "
+        "transformers serve, ...); with editor_backend='litellm' its api_base.")
+    editor_model: Optional[str] = _opt(
+        None, "editor", "Editor model: the name to ask the endpoint for, a LiteLLM model string "
+        "('ollama/llama3'), or a model folder for editor_backend='local'.")
+    editor_api_key_env: str = _opt(
+        "OPENAI_API_KEY", "editor", "NAME of the environment variable holding the editor's API key "
+        "(the key itself is never stored).")
+    editor_timeout: float = _opt(120.0, "editor", "Seconds per editor request.", check="positive")
+    editor_temperature: float = _opt(0.0, "editor", "Sampling temperature of the editor LLM.",
+                                     check="non_negative")
+    editor_max_tokens: int = _opt(512, "editor", "Token cap of one editor reply.", check="positive")
+    editor_batch_size: int = _opt(3, "editor", "Failures shown to the editor per round.",
+                                  check="positive")
+    on_editor_down: Literal["numerical", "fail"] = _opt(
+        "numerical", "editor", "If the editor cannot be reached at start-up: keep training "
+        "numerically, or stop the run.")
+    acceptance_margin: float = _opt(
+        0.0, "editor", "The gate accepts a candidate prompt only if probe reward >= old + this "
+        "margin (between -1 and 1).")
+    gate_tie_break: Literal["nll", "accept", "reject"] = _opt(
+        "nll", "editor", "On an exact reward tie: 'nll' accepts only if the reference NLL falls; "
+        "'accept' / 'reject' as named.")
+    max_prompt_chars: int = _opt(2000, "editor", "Longest system prompt accepted.",
+                                 check="positive")
 
-    # editor budgets (0 = no cap): LLM calls started, tokens (prompt + completion, from the
-    # server's usage or estimated) and seconds of editor wall time, per symbolic round and per run.
-    # Caps are hard (a call that could pass one is not started). A spent run budget keeps the
-    # router numerical for the rest of the run and says why.
-    editor_max_calls_per_round: int = 0
-    editor_max_calls_per_run: int = 0
-    editor_max_tokens_per_round: int = 0
-    editor_max_tokens_per_run: int = 0
-    editor_max_seconds_per_round: float = 0.0
-    editor_max_seconds_per_run: float = 0.0
+    # editor backend and calls
+    editor_backend: Literal["openai", "litellm", "local"] = _opt(
+        "openai", "editor backend", "'openai': any OpenAI-compatible endpoint at "
+        "editor_base_url; 'litellm': editor_model is a LiteLLM model string; 'local': "
+        "editor_model is a model folder run in-process with transformers.")
+    editor_concurrency: int = _opt(
+        4, "editor backend", "Independent editor calls of a round run at once (1 = sequential).",
+        check="positive")
+    editor_retries: int = _opt(
+        1, "editor backend", "Retries of a call on HTTP 5xx / 429 or a refused connection.",
+        check="non_negative")
+    editor_cache: bool = _opt(
+        True, "editor backend", "Keep editor replies under <artifacts>/editor_cache, keyed on "
+        "backend, endpoint, model, messages, temperature and max_tokens.")
+    edit_questions: bool = _opt(
+        False, "editor backend", "Also rewrite failing probe questions; a rewrite becomes a "
+        "training row only if the model's reply to it, under the current prompt, is correct.")
 
-    # constraints: regex a compliant answer matches (its first group, if any, is the final answer),
-    # the instruction that states the constraint in words (used by the editors), and the regex
-    # that extracts the final answer from a reference or completion (default: the last number).
-    answer_format: str | None = None
-    format_instruction: str | None = None
-    answer_pattern: str | None = None
-    # constraints (issue 3): a reply longer than `max_reply_chars` characters (0 = no limit) fails
-    # the "length" reward component; with `reply_json` a reply that is not valid JSON fails "json".
-    max_reply_chars: int = 0
-    reply_json: bool = False
-    # content (issue 4): with `exact_match` a reply must equal the reference (case and whitespace
-    # aside) to earn the "exact_match" reward component — for short-answer / label data.
-    exact_match: bool = False
+    # editor budgets (0 = no cap; caps are hard: a call that could pass one is not started)
+    editor_max_calls_per_round: int = _opt(
+        0, "editor budgets", "LLM calls started per symbolic round (0: no cap, else at least 4).",
+        check="non_negative")
+    editor_max_calls_per_run: int = _opt(
+        0, "editor budgets", "LLM calls started per run (0: no cap, else at least 4); once spent "
+        "the router stays numerical and says why.", check="non_negative")
+    editor_max_tokens_per_round: int = _opt(
+        0, "editor budgets", "Editor tokens (prompt + completion) per symbolic round (0: no cap).",
+        check="non_negative")
+    editor_max_tokens_per_run: int = _opt(
+        0, "editor budgets", "Editor tokens (prompt + completion) per run (0: no cap).",
+        check="non_negative")
+    editor_max_seconds_per_round: float = _opt(
+        0.0, "editor budgets", "Editor wall-clock seconds per symbolic round (0: no cap).",
+        check="non_negative")
+    editor_max_seconds_per_run: float = _opt(
+        0.0, "editor budgets", "Editor wall-clock seconds per run (0: no cap).",
+        check="non_negative")
 
-    # mix: share of each training batch replaced by augmented examples once there are any
-    # ("prompts as data"), and the cap on the augmented pool.
-    augment_share: float = 0.25
-    augment_max_examples: int = 512
-    # share of the probe examples that never become prompts-as-data rows (chosen with `seed`), so
-    # part of the probe stays unseen by the adapter and keeps informing the router and the gate.
-    augment_holdout_share: float = 0.0
-    # which training rows get an edited system prompt: "compliant" (default) only rows whose text
-    # matches `answer_format` (the others keep the initial prompt: a prompt that asks for a format
-    # next to a reply that ignores it would teach the adapter to ignore the prompt), or "all".
-    # Without `answer_format` every row gets it either way.
-    prompt_swap: str = "compliant"
+    # rewards and constraints
+    answer_format: Optional[str] = _opt(
+        None, "constraints", "Regex a compliant answer line matches (its first group, if any, is "
+        "the final answer); the 'format' reward component.")
+    format_instruction: Optional[str] = _opt(
+        None, "constraints", "The format constraint in words, for the editors.")
+    answer_pattern: Optional[str] = _opt(
+        None, "constraints", "Regex that extracts the final answer from a reference or reply "
+        "(default: answer_format's group, else the last number).")
+    max_reply_chars: int = _opt(
+        0, "constraints", "A reply longer than this many characters fails the 'length' reward "
+        "component (0: no limit).", check="non_negative")
+    reply_json: bool = _opt(False, "constraints", "A reply that is not valid JSON fails the 'json' "
+                            "reward component.")
+    exact_match: bool = _opt(
+        False, "constraints", "A reply must equal the reference (case and whitespace aside) to "
+        "earn the 'exact_match' reward component (short-answer / label data).")
 
-    # plugins: extra plugin objects by dotted path (`package.module.Name`), registered after the
-    # built-ins; packages can also register through the `nslora` entry-point group.
-    plugins: list[str] = field(default_factory=list)
+    # mix: prompts as data
+    augment_share: float = _opt(
+        0.25, "mix", "Share of each training batch replaced by augmented rows once there are any "
+        "(prompts as data).", check="unit")
+    augment_max_examples: int = _opt(512, "mix", "Cap on the augmented pool.",
+                                     check="non_negative")
+    augment_holdout_share: float = _opt(
+        0.0, "mix", "Share of the probe examples (chosen with seed) that never become training "
+        "rows, so part of the probe stays unseen by the adapter.", check="unit")
+    prompt_swap: Literal["compliant", "all"] = _opt(
+        "compliant", "mix", "Which training rows get an edited system prompt: 'compliant' only "
+        "rows whose reply matches answer_format (the others keep the initial prompt), or 'all'.")
+
+    # plugins
+    plugins: list[str] = _opt(
+        list, "plugins", "Extra NSLoRA plugins by dotted path (package.module.Name), registered "
+        "after the built-ins; 'no:<name>' blocks a plugin by name (e.g. 'no:nslora.rewards') so "
+        "yours replaces it. Packages can also register through the `nslora` entry-point group.")
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -177,60 +238,32 @@ class NSLoRAConfig:
     # ---------------------------------------------------------------- validation
     def _coerce_types(self) -> None:
         """Accept strings from CLI/YAML for numbers and booleans; reject everything else clearly."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = _field_kind(f)
+        for spec in config_fields():
+            value = getattr(self, spec.name)
             # "none"/"null" means None only where None is allowed: editor="none" stays a string
-            if kind == "str" and isinstance(value, str) and "None" not in str(f.type) \
+            if spec.kind == "str" and not spec.optional and isinstance(value, str) \
                     and value.strip().lower() == "none":
                 continue
-            setattr(self, f.name, _coerce(f.name, value, kind))
+            setattr(self, spec.name, _coerce(spec.name, value, spec.kind))
 
     def _validate(self) -> None:
-        def positive(name: str) -> None:
-            if getattr(self, name) <= 0:
-                _fail(name, getattr(self, name), "a number > 0")
-
-        def non_negative(name: str) -> None:
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "a number >= 0")
-
-        def unit(name: str) -> None:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                _fail(name, getattr(self, name), "a number between 0 and 1")
-
-        def one_of(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                _fail(name, getattr(self, name), "one of " + ", ".join(repr(a) for a in allowed))
-
-        for name in ("monitor_window", "saturation_patience", "check_every", "probe_size",
-                     "probe_max_new_tokens", "probe_batch_size", "editor_timeout",
-                     "editor_max_tokens", "editor_batch_size", "stall_patience",
-                     "max_prompt_chars", "nll_threshold", "router_learning_rate"):
-            positive(name)
-        for name in ("loss_change_threshold", "grad_norm_threshold", "warmup_steps",
-                     "max_symbolic_rounds", "cooldown_checks", "editor_temperature",
-                     "augment_max_examples", "seed", "editor_retries", "max_reply_chars",
-                     "editor_max_calls_per_round", "editor_max_calls_per_run",
-                     "editor_max_tokens_per_round", "editor_max_tokens_per_run",
-                     "editor_max_seconds_per_round", "editor_max_seconds_per_run"):
-            non_negative(name)
-        positive("editor_concurrency")
-        one_of("editor_backend", EDITOR_BACKENDS)
+        """Every rule in one place: ranges and allowed values from the fields' metadata and
+        types, then the rules that involve more than one field or a value's form."""
+        for spec in config_fields():
+            value = getattr(self, spec.name)
+            if spec.choices is not None and value not in spec.choices:
+                _fail(spec.name, value, "one of " + ", ".join(repr(a) for a in spec.choices))
+            if spec.check is None or value is None:
+                continue
+            low_ok = value > 0 if spec.check == "positive" else value >= 0
+            if not low_ok or (spec.check == "unit" and value > 1.0):
+                _fail(spec.name, value, CHECKS[spec.check])
         for name in ("editor_max_calls_per_round", "editor_max_calls_per_run"):
             if 0 < getattr(self, name) < 4:  # the smallest round: 3 calls for one example + 1 update
                 _fail(name, getattr(self, name), "0 (no cap) or at least 4 (the smallest TextGrad "
                       "round: 3 calls for one example and 1 update)")
-        for name in ("style_share_threshold", "augment_share", "augment_holdout_share"):
-            unit(name)
         if not -1.0 <= self.acceptance_margin <= 1.0:
             _fail("acceptance_margin", self.acceptance_margin, "a number between -1 and 1")
-        one_of("editor", EDITORS)
-        one_of("editor_fallback", FALLBACKS)
-        one_of("on_editor_down", ON_EDITOR_DOWN)
-        one_of("gate_tie_break", TIE_BREAKS)
-        one_of("router", ROUTERS)
-        one_of("prompt_swap", ("compliant", "all"))
         if isinstance(self.plugins, str):
             self.plugins = [p.strip() for p in self.plugins.split(",") if p.strip()]
         if not isinstance(self.plugins, list) or not all(isinstance(p, str) for p in self.plugins):
@@ -297,9 +330,10 @@ class NSLoRAConfig:
         """Add `--nslora_config PATH` and one `--nslora_<field>` flag per field."""
         group = parser.add_argument_group("NSLoRA")
         group.add_argument("--nslora_config", default=None, help="YAML file with NSLoRA settings")
-        for f in dataclasses.fields(cls):
-            group.add_argument(f"--nslora_{f.name}", dest=f"nslora_{f.name}", default=None,
-                               metavar=_field_kind(f).upper(), help=f"(default: {_default(f)!r})")
+        for spec in config_fields():
+            group.add_argument(f"--nslora_{spec.name}", dest=f"nslora_{spec.name}", default=None,
+                               metavar=spec.kind.upper(),  # values checked by the config, naming the key
+                               help=spec.help_with_default().replace("%", "%%"))
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "NSLoRAConfig":
@@ -339,22 +373,54 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={value!r}: expected {allowed}.", key=name)
 
 
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as the adapters see it: what they generate flags, keys and help from."""
+
+    name: str
+    kind: Literal["bool", "int", "float", "str", "list"]
+    optional: bool                     # None is an allowed value
+    choices: tuple[str, ...] | None    # the `Literal` values, if any
+    default: Any
+    help: str
+    group: str
+    check: str | None                  # a key of `CHECKS`, or None
+
+    def help_with_default(self) -> str:
+        allowed = f" One of: {', '.join(self.choices)}." if self.choices else ""
+        return f"{self.help}{allowed} (default: {self.default!r})"
 
 
-def _field_kind(f: dataclasses.Field) -> str:
-    annotation = str(f.type)
-    for kind in ("bool", "int", "float", "str", "list"):
-        if annotation.startswith(kind):
-            return kind
-    return "any"
+@lru_cache(maxsize=None)
+def _config_fields() -> tuple[FieldSpec, ...]:
+    hints = get_type_hints(NSLoRAConfig)
+    out = []
+    for f in dataclasses.fields(NSLoRAConfig):
+        tp = hints[f.name]
+        args = get_args(tp)
+        optional = get_origin(tp) is Union and type(None) in args
+        if optional:
+            (tp,) = [a for a in args if a is not type(None)]
+        choices = tuple(get_args(tp)) if get_origin(tp) is Literal else None
+        if choices is not None:
+            kind = "str"
+        elif get_origin(tp) is list:
+            kind = "list"
+        else:
+            kind = tp.__name__
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(FieldSpec(f.name, kind, optional, choices, default, f.metadata["help"],
+                             f.metadata["group"], f.metadata["check"]))
+    return tuple(out)
+
+
+def config_fields() -> list[FieldSpec]:
+    """Every `NSLoRAConfig` field with its type, allowed values, default, help and range."""
+    return list(_config_fields())
 
 
 def _coerce(name: str, value: Any, kind: str) -> Any:
-    if value is None or kind in ("any", "list"):
+    if value is None or kind == "list":
         return value
     if isinstance(value, str) and value.strip().lower() in {"none", "null"}:
         return None

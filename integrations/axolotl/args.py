@@ -29,11 +29,11 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError
+from nslora_plugin.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
 
 __all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
            "normalize_axolotl_cfg", "nslora_enabled"]
@@ -229,36 +229,24 @@ class _NSLoRAArgsBase(BaseModel):
         return data
 
 
-def _annotation(f: dataclasses.Field) -> Any:
-    kind = str(f.type)
-    if kind.startswith("bool"):
-        return bool | None
-    if kind.startswith("int"):
-        return int | None
-    if kind.startswith("float"):
-        return float | None
-    if kind.startswith("list"):
+def _annotation(spec: FieldSpec) -> Any:
+    if spec.choices is not None:
+        return Optional[Literal[spec.choices]]  # type: ignore[valid-type]
+    if spec.kind == "list":
         return list[str] | str | None
-    return str | None
-
-
-def _default_text(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+    return Optional[{"bool": bool, "int": int, "float": float, "str": str}[spec.kind]]
 
 
 _field_definitions: dict[str, Any] = {
-    SWITCH: (bool | None, Field(default=None, json_schema_extra={
-        "description": "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of settings "
-                       "(without the prefix) also switches it on. Off, every plugin hook is a no-op."})),
+    SWITCH: (bool | None, Field(default=None, description=(
+        "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of settings (without the "
+        "prefix) also switches it on. Off, every plugin hook is a no-op."))),
 }
-for _name, _f in _FIELDS.items():
-    if _name == "enabled":
+for _spec in config_fields():
+    if _spec.name == "enabled":
         continue
-    _field_definitions[PREFIX + _name] = (_annotation(_f), Field(default=None, json_schema_extra={
-        "description": f"NSLoRAConfig.{_name} (default {_default_text(_f)!r}); see the NSLoRA "
-                       "README, 'Configuration'."}))
+    _field_definitions[PREFIX + _spec.name] = (_annotation(_spec), Field(
+        default=None, description=_spec.help_with_default()))
 
 #: Axolotl input args: `plugins: [nslora_plugin.integrations.axolotl.NSLoRAPlugin]` merges these
 #: fields into the config schema. Generated from `NSLoRAConfig`, so every core setting has a key.

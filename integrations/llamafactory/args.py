@@ -27,15 +27,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError
+from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
 
 __all__ = ["LlamaFactoryNSLoRAArgs", "read_config", "split_config", "prepare", "check_lf_settings",
-           "NSLORA_CONFIG_KEY"]
+           "NSLORA_CONFIG_KEY", "nslora_keys"]
 
 #: Key naming a separate NSLoRA YAML file (its settings are overridden by `nslora_*` keys).
 NSLORA_CONFIG_KEY = "nslora_config"
 
 _TRUE = {"1", "true", "yes", "on", "y"}
+
+
+def nslora_keys() -> list[tuple[str, str, str]]:
+    """(YAML key, type, help with allowed values and default) for every NSLoRA key a
+    LLaMA-Factory config may carry, generated from `NSLoRAConfig` (`nslora-lf keys` prints it)."""
+    rows = [("nslora", "bool", "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of "
+             "unprefixed settings also switches it on."),
+            (NSLORA_CONFIG_KEY, "str", "A separate NSLoRA YAML file; nslora_* keys override it.")]
+    for spec in config_fields():
+        if spec.name != "enabled":
+            kind = spec.kind + (" or null" if spec.optional else "")
+            rows.append((f"nslora_{spec.name}", kind, spec.help_with_default()))
+    return rows
 
 
 @dataclass

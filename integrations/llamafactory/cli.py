@@ -31,7 +31,7 @@ from typing import Sequence
 from nslora_plugin.config import NSLoRAConfigError
 from nslora_plugin.util import free_port
 
-from .args import LlamaFactoryNSLoRAArgs, prepare, read_config
+from .args import LlamaFactoryNSLoRAArgs, nslora_keys, prepare, read_config
 
 PROG = "nslora-lf"
 MODULE = "nslora_plugin.integrations.llamafactory.cli"
@@ -88,6 +88,12 @@ def cmd_make_data(args: argparse.Namespace) -> int:
                                        system_prompt=args.system_prompt, dataset_name=args.name)
     for key, path in paths.items():
         print(f"{key}: {path}")
+    return 0
+
+
+def cmd_keys(_: argparse.Namespace) -> int:
+    for key, kind, text in nslora_keys():
+        print(f"{key}  ({kind})\n    {text}")
     return 0
 
 
@@ -182,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--system-prompt", default="You are a helpful assistant.",
                       help="system message of every row (the initial prompt NSLoRA edits)")
     data.add_argument("--name", default="nslora_word_problems", help="dataset name in dataset_info.json")
+    sub.add_parser("keys", help="list every nslora_* key with its type, allowed values and default")
     sub.add_parser("version", help="print versions")
     return parser
 
@@ -191,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"train": cmd_train, "check": cmd_check, "make-data": cmd_make_data,
-               "version": cmd_version}[args.command]
+               "keys": cmd_keys, "version": cmd_version}[args.command]
     try:
         return handler(args)
     except NSLoRAConfigError as exc:

@@ -15,8 +15,9 @@ Flags (all in the "NSLoRA" group of `--help`):
     --nslora_config PATH         a YAML with NSLoRA settings (top level or under `nslora:`)
     --nslora_<field> VALUE       one flag per `NSLoRAConfig` field (check_every, probe_path, ...)
 
-The per-field flags are generated from `NSLoRAConfig`'s dataclass fields, so a field added to the
-core config becomes a flag here without touching this file. Every generated flag defaults to
+The per-field flags are generated from `NSLoRAConfig`'s fields (`config_fields()`: type, allowed
+values, help text), so a field added to the core config becomes a flag here, with its help,
+without touching this file. Every generated flag defaults to
 None ("not given"), so the order of precedence is: flag > `--nslora_config` file > the
 `NSLoRAConfig` default printed in the help. The same keys work in a TRL `--config` YAML
 (`nslora: true`, `nslora_check_every: 20`, ...), and `nslora:` there may also be a mapping of
@@ -33,10 +34,9 @@ import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, get_type_hints
+from typing import Any, Mapping, Optional, Sequence
 
-from nslora_plugin.config import (EDITORS, FALLBACKS, ON_EDITOR_DOWN, TIE_BREAKS, NSLoRAConfig,
-                                  NSLoRAConfigError)
+from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
 
 __all__ = ["NSLoRAArguments", "maybe_attach", "config_from_args", "PREFIX", "SWITCH",
            "check_trainer_args", "unknown_nslora_flags"]
@@ -48,88 +48,25 @@ PREFIX = "nslora_"
 # `enabled` is what `--nslora` switches; every other NSLoRAConfig field gets a flag.
 _SKIPPED = {"enabled"}
 
-# One line per field for `--help`; a field missing here still gets a flag (and its group's name).
-_HELP: dict[str, str] = {
-    "output_dir": "Folder for the NSLoRA artifacts; None means <output_dir>/nslora.",
-    "system_prompt": "The system message of the training rows: the prompt NSLoRA starts from and rewrites.",
-    "seed": "Seed for probe sampling and batch mixing.",
-    "monitor_window": "Optimizer steps in the loss / gradient-norm window.",
-    "loss_change_threshold": "|C1| (relative change of the windowed loss) below this counts as flat.",
-    "grad_norm_threshold": "C2 (windowed mean gradient norm) below this counts as small.",
-    "saturation_patience": "Checks in a row with flat loss and small gradients = numerical saturation.",
-    "check_every": "Run a check (probe + routing decision) every N optimizer steps.",
-    "warmup_steps": "No check before this optimizer step.",
-    "nll_threshold": "A failure whose reference NLL per token is above this looks factual (-> LoRA).",
-    "style_share_threshold": "Share of style/constraint failures that triggers a symbolic round.",
-    "max_symbolic_rounds": "At most this many prompt-rewrite rounds in the run.",
-    "stall_patience": "Symbolic rounds in a row without an accepted gain before a cooldown.",
-    "cooldown_checks": "Checks that stay numerical after a stall.",
-    "probe_path": "JSONL of held-out probe rows (messages, question/answer or prompt/completion).",
-    "probe_size": "Probe examples scored at each check.",
-    "probe_max_new_tokens": "Greedy tokens generated per probe example.",
-    "probe_batch_size": "Probe examples per generation batch (bounds the probe's KV-cache memory).",
-    "probe_stop_at_answer": "End a probe reply at its first complete line matching answer_format "
-                            "(when no length/JSON/exact-match reward needs the whole reply).",
-    "editor": "Which editor proposes prompt rewrites first.",
-    "editor_fallback": "What runs when the editor's candidate fails the gate or the endpoint is down.",
-    "editor_base_url": "OpenAI-compatible endpoint of the editor LLM (vLLM, Ollama, OpenAI, ...).",
-    "editor_model": "Model name to ask the editor endpoint for.",
-    "editor_api_key_env": "NAME of the environment variable holding the editor's API key (never the key).",
-    "editor_timeout": "Seconds per editor request.",
-    "editor_temperature": "Sampling temperature of the editor LLM.",
-    "editor_max_tokens": "Token cap of one editor reply.",
-    "editor_batch_size": "Failures shown to the editor per round.",
-    "on_editor_down": "If the editor endpoint is unreachable at startup: keep training or fail.",
-    "acceptance_margin": "The gate accepts a candidate prompt if probe reward >= old + this margin.",
-    "gate_tie_break": "On an exact reward tie: 'nll' accepts if the reference NLL falls.",
-    "max_prompt_chars": "Longest system prompt accepted.",
-    "answer_format": "Regex a compliant answer matches (first group: the final answer).",
-    "format_instruction": "The format constraint in words, for the editors.",
-    "answer_pattern": "Regex extracting the final answer (default: the last number).",
-    "augment_share": "Share of each batch replaced by augmented rows once there are some.",
-    "augment_max_examples": "Cap on the augmented pool.",
-    "plugins": "Extra NSLoRA plugins by dotted path (package.module.Name).",
-}
-
-_CHOICES: dict[str, Sequence[str]] = {
-    "editor": EDITORS, "editor_fallback": FALLBACKS, "on_editor_down": ON_EDITOR_DOWN,
-    "gate_tie_break": TIE_BREAKS,
-}
-
-_TYPE_HINTS = get_type_hints(NSLoRAConfig)
-
-
-def _optional(tp: Any) -> Any:
-    """`X` -> `Optional[X]` (HfArgumentParser reads `Optional[X]` as "a flag of type X, default None")."""
-    args = getattr(tp, "__args__", ())
-    if type(None) in args:
-        return tp
-    return Optional[tp]
-
-
-def _flag_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+_TYPES: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "list": list[str]}
 
 
 def _generated_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """One `--nslora_<field>` per `NSLoRAConfig` field, with the core's help and allowed values."""
     out = []
-    for f in dataclasses.fields(NSLoRAConfig):
-        if f.name in _SKIPPED:
+    for spec in config_fields():
+        if spec.name in _SKIPPED:
             continue
-        tp = _TYPE_HINTS[f.name]
         # The flag's own default is None ("not given"); the help shows the NSLoRAConfig default.
         # `%(default).0s` renders as nothing but stops argparse's defaults formatter from
         # appending a misleading "(default: None)".
-        text = f"{_HELP.get(f.name, f'NSLoRA setting {f.name!r}.')} (default: {_flag_default(f)!r})"
-        metadata: dict[str, Any] = {"help": text.replace("%", "%%") + "%(default).0s"}
-        if tp is bool:
+        metadata: dict[str, Any] = {"help": spec.help_with_default().replace("%", "%%") + "%(default).0s"}
+        if spec.kind == "bool":
             # `--nslora_x` alone means true (HfArgumentParser only does that for non-None defaults)
             metadata.update(nargs="?", const=True)
-        if f.name in _CHOICES:
-            metadata["choices"] = list(_CHOICES[f.name])
-        out.append((PREFIX + f.name, _optional(tp), field(default=None, metadata=metadata)))
+        if spec.choices is not None:
+            metadata["choices"] = list(spec.choices)
+        out.append((PREFIX + spec.name, Optional[_TYPES[spec.kind]], field(default=None, metadata=metadata)))
     return out
 
 
