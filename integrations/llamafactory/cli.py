@@ -29,20 +29,13 @@ from pathlib import Path
 from typing import Sequence
 
 from nslora_plugin.config import NSLoRAConfigError
-from nslora_plugin.util import free_port
+from nslora_plugin.util import env_flag, free_port, parse_bool
 
 from .args import LlamaFactoryNSLoRAArgs, nslora_keys, prepare, read_config
 
 PROG = "nslora-lf"
 MODULE = "nslora_plugin.integrations.llamafactory.cli"
 log = logging.getLogger("nslora")
-
-_TRUE = {"1", "true", "yes", "on", "y"}
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in _TRUE
-
 
 def _in_distributed_launch() -> bool:
     return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
@@ -129,9 +122,9 @@ def _should_launch_torchrun() -> bool:
     """Mirror of `llamafactory-cli train`'s rule (launcher.py, 0.9.5)."""
     if _in_distributed_launch():
         return False
-    if _env_flag("USE_MCA") or _env_flag("FORCE_TORCHRUN"):
+    if env_flag("USE_MCA") or env_flag("FORCE_TORCHRUN"):
         return True
-    if _env_flag("USE_RAY") or _env_flag("USE_KT"):
+    if env_flag("USE_RAY") or env_flag("USE_KT"):
         return False
     return _device_count() > 1
 
@@ -154,7 +147,7 @@ def _launch_torchrun(config: str, overrides: Sequence[str]) -> int:
     cmd = torchrun_command(config, overrides)
     log.info("NSLoRA: launching %s", shlex.join(cmd))
     env = dict(os.environ)
-    if env.get("OPTIM_TORCH", "1").strip().lower() in _TRUE:  # as llamafactory-cli does
+    if parse_bool(env.get("OPTIM_TORCH", "1")):  # as llamafactory-cli does
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     return subprocess.run(cmd, env=env, check=False).returncode

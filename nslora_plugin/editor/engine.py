@@ -29,6 +29,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import tenacity
+
 from ..config import NSLoRAConfig
 from ..chat import chat_messages
 from ..util import redact, url_password
@@ -127,40 +129,12 @@ class EditorClient:
                     self.usage.cached_calls += 1
                 return hit
         estimate = sum(estimate_tokens(m["content"]) for m in messages)
-        attempt = 0
-        while True:
-            reserved = self.budget.reserve(estimate) if self.budget else 0
-            timeout, cut_by = self.budget.call_timeout(self.timeout) if self.budget else (self.timeout, None)
-            t0 = time.monotonic()
-            try:
-                try:
-                    text, usage = self._complete(messages, timeout=timeout, max_tokens=self.max_tokens)
-                except EditorError:
-                    raise
-                except Exception as other:  # a backend bug must still settle the budget
-                    raise self._error(EditorBadReply, f"editor {self.where} failed "
-                                      f"({type(other).__name__}: {_one_line(str(other), 120)})") from None
-            except EditorError as exc:
-                with self._lock:
-                    self.usage.failed_calls += 1
-                    self.usage.seconds += time.monotonic() - t0
-                if self.budget:
-                    self.budget.settle(reserved, 0)
-                if isinstance(exc, EditorTimeout) and cut_by is not None:
-                    scope = "round" if "_per_round=" in cut_by else "run"
-                    raise EditorBudgetSpent(f"{cut_by} reached (a call was stopped after "
-                                            f"{timeout:.1f} s, the time left)", scope) from None
-                if attempt < self.retries and self._retryable(exc):
-                    attempt += 1
-                    with self._lock:
-                        self.usage.retried_calls += 1
-                    time.sleep(min(0.5 * attempt, 2.0))
-                    continue
-                raise
-            tokens = self._count(messages, text, usage, time.monotonic() - t0)
-            if self.budget:
-                self.budget.settle(reserved, tokens)
-            break
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retries + 1),
+            retry=tenacity.retry_if_exception(self._retryable),
+            wait=tenacity.wait_incrementing(start=0.5, increment=0.5, max=2.0),
+            before_sleep=self._count_retry, reraise=True)
+        text = retrying(self._attempt, messages, estimate)
         text = self.redact(text or "")
         if len(text) > self.reply_cap:
             text = text[:self.reply_cap]
@@ -170,8 +144,41 @@ class EditorClient:
             self.cache.put(key, text, {"model": self.model, "time": time.time()})
         return text
 
+    def _attempt(self, messages: list[dict[str, str]], estimate: int) -> str:
+        """One call within the budget: reserve, call, settle; a fault settles and is raised."""
+        reserved = self.budget.reserve(estimate) if self.budget else 0
+        timeout, cut_by = self.budget.call_timeout(self.timeout) if self.budget else (self.timeout, None)
+        t0 = time.monotonic()
+        try:
+            try:
+                text, usage = self._complete(messages, timeout=timeout, max_tokens=self.max_tokens)
+            except EditorError:
+                raise
+            except Exception as other:  # a backend bug must still settle the budget
+                raise self._error(EditorBadReply, f"editor {self.where} failed "
+                                  f"({type(other).__name__}: {_one_line(str(other), 120)})") from None
+        except EditorError as exc:
+            with self._lock:
+                self.usage.failed_calls += 1
+                self.usage.seconds += time.monotonic() - t0
+            if self.budget:
+                self.budget.settle(reserved, 0)
+            if isinstance(exc, EditorTimeout) and cut_by is not None:
+                scope = "round" if "_per_round=" in cut_by else "run"
+                raise EditorBudgetSpent(f"{cut_by} reached (a call was stopped after "
+                                        f"{timeout:.1f} s, the time left)", scope) from None
+            raise
+        tokens = self._count(messages, text, usage, time.monotonic() - t0)
+        if self.budget:
+            self.budget.settle(reserved, tokens)
+        return text
+
+    def _count_retry(self, _state: Any) -> None:
+        with self._lock:
+            self.usage.retried_calls += 1
+
     @staticmethod
-    def _retryable(exc: EditorError) -> bool:
+    def _retryable(exc: BaseException) -> bool:
         if isinstance(exc, EditorUnreachable):
             return True
         return isinstance(exc, EditorHTTPError) and exc.status in RETRY_STATUSES

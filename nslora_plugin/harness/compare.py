@@ -42,6 +42,7 @@ from ..hookspecs import hookimpl
 from ..run import RunView
 from ..types import ProbeReport, RouteDecision
 from ..util import read_jsonl_tolerant
+from . import tables
 from .tasks import Task, load_task
 
 ARMS = ("numerical", "symbolic", "neurosymbolic")
@@ -462,29 +463,34 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def print_table(console: Any, result: dict[str, Any]) -> None:
-    from rich.table import Table
+COLUMNS = ("arm", "held-out acc", "fact acc", "format", "probe reward", "edits acc/prop",
+           "LLM calls", "LLM tokens", "router acc", "wall s")
 
-    t = result["task"]
-    table = Table(title=f"nslora compare — {t['name']} (held-out n={t['held_out']}, "
-                        f"{result['settings']['max_steps']} steps, editor {result['settings']['editor']})")
-    for col in ("arm", "held-out acc", "fact acc", "format", "probe reward", "edits acc/prop",
-                "LLM calls", "LLM tokens", "router acc", "wall s"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
+
+def table_rows(result: dict[str, Any], base_label: str = "base") -> list[list[str]]:
+    """One row per arm (and the untouched base model, when measured), as `COLUMNS`."""
+    rows = []
     base = result.get("base")
     if base:
-        table.add_row("base", f"{base['accuracy']:.3f}", f"{base['fact_accuracy']:.3f}",
-                      f"{base['format_compliance']:.3f}", "", "", "", "", "", "")
+        rows.append([base_label, f"{base['accuracy']:.3f}", f"{base['fact_accuracy']:.3f}",
+                     f"{base['format_compliance']:.3f}", "", "", "", "", "", ""])
     for arm, a in result["arms"].items():
         h = a["held_out"]
         probe = (a.get("probe_after") or {}).get("reward")
         racc = a["router"]["label_accuracy"]
-        table.add_row(arm, f"{h['accuracy']:.3f}", f"{h['fact_accuracy']:.3f}",
-                      f"{h['format_compliance']:.3f}", "" if probe is None else f"{probe:.3f}",
-                      f"{a['edits_accepted']}/{a['edits_proposed']}", str(a["editor_calls"]),
-                      str(a["editor_tokens"]), "" if racc is None else f"{racc:.3f}",
-                      f"{a['wall_seconds']:.1f}")
-    console.print(table)
+        rows.append([arm, f"{h['accuracy']:.3f}", f"{h['fact_accuracy']:.3f}",
+                     f"{h['format_compliance']:.3f}", "" if probe is None else f"{probe:.3f}",
+                     f"{a['edits_accepted']}/{a['edits_proposed']}", str(a["editor_calls"]),
+                     str(a["editor_tokens"]), "" if racc is None else f"{racc:.3f}",
+                     f"{a['wall_seconds']:.1f}"])
+    return rows
+
+
+def print_table(console: Any, result: dict[str, Any]) -> None:
+    t = result["task"]
+    tables.print_table(console, f"nslora compare — {t['name']} (held-out n={t['held_out']}, "
+                       f"{result['settings']['max_steps']} steps, editor {result['settings']['editor']})",
+                       COLUMNS, table_rows(result))
     v = result.get("verdict") or {}
     if "margin_points" in v:
         console.print(f"neurosymbolic vs best single arm ({v['best_single_arm']}): "
@@ -509,23 +515,7 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The table of `print_table` as Markdown (for results files)."""
-    head = ("| arm | held-out acc | fact acc | format | probe reward | edits acc/prop | LLM calls "
-            "| LLM tokens | router acc | wall s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
-    base = result.get("base")
-    if base:
-        lines.append(f"| base (untouched) | {base['accuracy']:.3f} | {base['fact_accuracy']:.3f} | "
-                     f"{base['format_compliance']:.3f} | | | | | | |")
-    for arm, a in result["arms"].items():
-        h = a["held_out"]
-        probe = (a.get("probe_after") or {}).get("reward")
-        racc = a["router"]["label_accuracy"]
-        lines.append(f"| {arm} | {h['accuracy']:.3f} | {h['fact_accuracy']:.3f} | "
-                     f"{h['format_compliance']:.3f} | {'' if probe is None else f'{probe:.3f}'} | "
-                     f"{a['edits_accepted']}/{a['edits_proposed']} | {a['editor_calls']} | "
-                     f"{a['editor_tokens']} | {'' if racc is None else f'{racc:.3f}'} | "
-                     f"{a['wall_seconds']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table(COLUMNS, table_rows(result, base_label="base (untouched)"))
 
 
 def machine() -> dict[str, Any]:

@@ -227,15 +227,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_summary(console: Any, s: dict[str, Any]) -> None:
-    from rich.table import Table
+    from .tables import print_table
 
     plain = (s.get("plain_lora") or {}).get("held_out") or None
-    table = Table(title="NSLoRA demo: before → after")
-    table.add_column("measure")
-    table.add_column("before", justify="right")
-    if plain is not None:
-        table.add_column("plain LoRA", justify="right")
-    table.add_column("NSLoRA", justify="right")
+    columns = ["measure", "before", *(["plain LoRA"] if plain is not None else []), "NSLoRA"]
+    rows = []
 
     def cell(d: dict[str, Any] | None, key: str, digits: int = 2) -> str:
         return "–" if not d or key not in d else f"{d[key]:.{digits}f}"
@@ -251,11 +247,11 @@ def print_summary(console: Any, s: dict[str, Any]) -> None:
                 if plain is not None:
                     row.append(cell(p, metric, digits))
                 row.append(cell(a, metric, digits))
-                table.add_row(*row)
+                rows.append(row)
     if plain is not None:
-        table.add_row("training wall time (s)", "–", f"{s['plain_lora']['train_seconds']:.0f}",
-                      f"{s.get('nslora_train_seconds', float('nan')):.0f}")
-    console.print(table)
+        rows.append(["training wall time (s)", "–", f"{s['plain_lora']['train_seconds']:.0f}",
+                     f"{s.get('nslora_train_seconds', float('nan')):.0f}"])
+    print_table(console, "NSLoRA demo: before → after", columns, rows)
     if plain is not None:
         console.print("plain LoRA trains on the same rows, steps and seed without NSLoRA; the "
                       "NSLoRA column adds its probes, routing, prompt edits and prompts-as-data rows.")
