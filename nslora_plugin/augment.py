@@ -7,22 +7,38 @@ own passing reply too (a self-generated, reward-checked target). The collator re
 with the *current* system prompt at batch time, so the weights learn to give such replies under
 the prompt that asks for them — the prompt's effect is distilled into the adapter.
 
-Note: the rows come from probe examples, so later probe numbers are no longer fully held out;
-`nslora demo` therefore also reports a separate held-out evaluation split. With
-`augment_holdout_share` > 0 a seeded share of the probe examples never becomes training data, so
-that part of the probe stays a clean signal for the router and the gate for the whole run.
+With a pool (`pool_path`, or `attach(..., pool=rows)`) the rows come from the pool instead: after
+an accepted edit, every pool row whose reference satisfies the format becomes a training row, and
+no probe row ever does, so the gate and the router keep scoring rows no update has seen.
+Without a pool the rows come from probe examples, so later probe numbers are no longer fully held
+out (`nslora demo` therefore also reports a separate held-out split); `augment_holdout_share` > 0
+keeps a seeded share of the probe out of the training data.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .chat import chat_messages
 from .config import NSLoRAConfig
 from .hookspecs import hookimpl
 from .rewards import format_compliant
+from .run import RunView
 from .types import ProbeExample, ProbeReport
+
+
+def pool_rows(pool: Mapping[str, ProbeExample], prompt_version: int,
+              config: NSLoRAConfig) -> list[dict[str, Any]]:
+    """Every pool row whose reference meets the format, in id order (the loop drops repeats)."""
+    rows = []
+    for example_id in sorted(pool):
+        example = pool[example_id]
+        if not config.answer_format or format_compliant(example.reference, config.answer_format):
+            rows.append({"messages": chat_messages(None, example.question, example.reference),
+                         "source": "pool_reference", "example_id": example.id,
+                         "prompt_version": prompt_version})
+    return rows
 
 
 def holdout_ids(example_ids: Iterable[str], share: float, seed: int) -> set[str]:
@@ -36,8 +52,10 @@ def holdout_ids(example_ids: Iterable[str], share: float, seed: int) -> set[str]
 class PromptsAsData:
     @hookimpl
     def nslora_augment_examples(self, prompt: str, report: ProbeReport, before: ProbeReport,
-                                examples: dict[str, ProbeExample],
-                                config: NSLoRAConfig) -> list[dict[str, Any]]:
+                                examples: dict[str, ProbeExample], config: NSLoRAConfig,
+                                run: RunView) -> list[dict[str, Any]]:
+        if run.pool:
+            return pool_rows(run.pool, report.prompt_version, config)
         after = {r.example_id: r for r in report.results}
         kept_out = holdout_ids(examples, config.augment_holdout_share, config.seed)
         rows: list[dict[str, Any]] = []

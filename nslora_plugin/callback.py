@@ -32,10 +32,11 @@ log = logging.getLogger("nslora")
 class NSLoRACallback(TrainerCallback):
     def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
                  tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, pool: Any = None) -> None:
         config = as_config(config)
         self.config: NSLoRAConfig = config
         self.probe_source = probe if probe is not None else config.probe_path
+        self.pool_source = pool if pool is not None else config.pool_path
         self.tokenizer = tokenizer
         self.plugins = list(plugins)
         self.console = console
@@ -60,8 +61,10 @@ class NSLoRACallback(TrainerCallback):
                              "probe=... (rows with messages, question/answer or prompt/completion)")
         probe = load_probe_examples(self.probe_source, limit=self.config.probe_size,
                                     seed=self.config.seed)
+        pool = load_probe_examples(self.pool_source, id_prefix="pool-") \
+            if self.pool_source is not None else []
         output = Path(self.config.output_dir or Path(args.output_dir) / ARTIFACT_DIR)
-        self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, output_dir=output,
+        self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, pool=pool, output_dir=output,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
         warn_cpu_precision(args)
@@ -192,19 +195,20 @@ def wrap_collate_fn(dataloader: Any, wrap: Any) -> Any:
 
 
 def attach(trainer: Any, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
-           plugins: Sequence[Any] = (), console: Any = None) -> NSLoRACallback:
+           plugins: Sequence[Any] = (), console: Any = None, pool: Any = None) -> NSLoRACallback:
     """Add NSLoRA to an already-built `transformers.Trainer` (TRL's `SFTTrainer`, Axolotl's and
     LLaMA-Factory's trainers alike) and return its callback.
 
     The callback is put first in the trainer's callback list so that the `nslora/*` metrics it
     adds to each log reach the `report_to` integrations. If `probe` is None and the config has no
-    `probe_path`, the trainer's raw eval dataset is used when it still has text columns.
+    `probe_path`, the trainer's raw eval dataset is used when it still has text columns. `pool`
+    (or `pool_path`): labelled rows prompts-as-data may train on instead of the probe's.
     """
     cfg = as_config(config)
     if probe is None and cfg.probe_path is None:
         probe = _raw_eval_rows(trainer)
     callback = NSLoRACallback(cfg, probe=probe, tokenizer=getattr(trainer, "processing_class", None),
-                              plugins=plugins, console=console)
+                              plugins=plugins, console=console, pool=pool)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 

@@ -218,6 +218,10 @@ class NSLoRAConfig:
         "(prompts as data).", check="unit")
     augment_max_examples: int = _opt(512, "mix", "Cap on the augmented pool.",
                                      check="non_negative")
+    pool_path: Optional[str] = _opt(
+        None, "mix", "JSONL of labelled rows (the probe's forms) that prompts-as-data turns into "
+        "training rows after an accepted edit. With a pool no probe row is ever trained on, so the "
+        "gate and the router score only rows no update has seen.")
     augment_holdout_share: float = _opt(
         0.0, "mix", "Share of the probe examples (chosen with seed) that never become training "
         "rows, so part of the probe stays unseen by the adapter.", check="unit")

@@ -43,9 +43,10 @@ def _content(value: Any) -> str:
     return str(value)
 
 
-def row_to_example(row: dict[str, Any], index: int) -> ProbeExample:
-    """One probe example from any accepted row shape (see module docstring)."""
-    rid = str(row.get("id", index))
+def row_to_example(row: dict[str, Any], index: int, id_prefix: str = "") -> ProbeExample:
+    """One probe example from any accepted row shape (see module docstring); a row without an
+    `id` gets `id_prefix` + its index."""
+    rid = str(row["id"]) if "id" in row else f"{id_prefix}{index}"
     if "messages" in row:
         msgs = row["messages"]
         users = [m["content"] for m in msgs if m.get("role") == "user"]
@@ -66,7 +67,8 @@ def row_to_example(row: dict[str, Any], index: int) -> ProbeExample:
     return ProbeExample(id=rid, question=question, reference=reference, answer=answer)
 
 
-def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0) -> list[ProbeExample]:
+def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0,
+                        id_prefix: str = "") -> list[ProbeExample]:
     """Probe examples from a path (JSONL), a `datasets.Dataset`, or a list of rows / examples.
     More rows than `limit` are subsampled with `seed`, so the probe set is stable across runs."""
     if isinstance(source, (str, Path)):
@@ -75,7 +77,8 @@ def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0) ->
         rows = source.to_list()
     else:
         rows = list(source)
-    examples = [r if isinstance(r, ProbeExample) else row_to_example(r, i) for i, r in enumerate(rows)]
+    examples = [r if isinstance(r, ProbeExample) else row_to_example(r, i, id_prefix)
+                for i, r in enumerate(rows)]
     if limit is not None and len(examples) > limit:
         examples = random.Random(seed).sample(examples, limit)
     return examples
@@ -142,9 +145,11 @@ def make_word_problems(n: int, seed: int = 0, answer_line: str = "Answer: {n}") 
 
 
 def chat_rows(rows: Iterable[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
-    """Training rows in TRL's conversational form, system prompt first."""
+    """Training rows in TRL's conversational form, system prompt first (a row's own
+    `system_prompt`, when it has one, else `system_prompt`)."""
     out = []
     for i, row in enumerate(rows):
         ex = row_to_example(row, i)
-        out.append({"messages": chat_messages(system_prompt, ex.question, ex.reference)})
+        prompt = row.get("system_prompt", system_prompt) if isinstance(row, dict) else system_prompt
+        out.append({"messages": chat_messages(prompt, ex.question, ex.reference)})
     return out

@@ -33,7 +33,7 @@ log = logging.getLogger("nslora")
 class NeurosymbolicLoop:
     def __init__(self, config: NSLoRAConfig, tokenizer: Any, probe: Sequence[ProbeExample], *,
                  output_dir: str | Path, plugins: Sequence[Any] = (), is_main_process: bool = True,
-                 console: Any = None) -> None:
+                 console: Any = None, pool: Sequence[ProbeExample] = ()) -> None:
         if not probe:
             raise ValueError("NSLoRA needs probe examples (set probe_path, pass probe=..., or give "
                              "the trainer an eval_dataset with messages or question/answer rows)")
@@ -41,6 +41,11 @@ class NeurosymbolicLoop:
         self.tokenizer = tokenizer
         self.is_main = is_main_process
         self.examples = {e.id: e for e in probe[:config.probe_size]}
+        self.pool = {e.id: e for e in pool}  # rows prompts-as-data may train on (never probed)
+        overlap = sorted(set(self.examples) & set(self.pool))
+        if overlap:
+            raise ValueError(f"NSLoRA: pool rows must not be probe rows (shared ids: {overlap[:5]}); "
+                             "the gate must score rows no update has trained on")
         self.pm = make_plugin_manager(config, plugins)
         self.monitor = SignalMonitor(config)
         self.evaluator = ProbeEvaluator(tokenizer, list(self.examples.values()), config, self.pm)

@@ -80,6 +80,7 @@ class RunHost(Protocol):
     config: NSLoRAConfig
     tokenizer: Any
     examples: dict[str, ProbeExample]
+    pool: dict[str, ProbeExample]
     reports: list[ProbeReport]
     decision_counts: dict[str, int]
     last_check_step: int
@@ -117,6 +118,11 @@ class RunView:
     @property
     def examples(self) -> Mapping[str, ProbeExample]:
         return self._host.examples
+
+    @property
+    def pool(self) -> Mapping[str, ProbeExample]:
+        """Labelled rows prompts-as-data may train on (`pool_path`); never probed. Empty: none."""
+        return self._host.pool
 
     @property
     def reports(self) -> tuple[ProbeReport, ...]:

@@ -138,7 +138,8 @@ def test_verdict_pools_the_labels_of_every_arm():
         "neurosymbolic": arm(0.2, {"factual": {"factual": 2, "style": 0}}),
     }}
     v = verdict(result)
-    assert v["best_single_arm"] == "symbolic" and v["margin_points"] == pytest.approx(10.0)
+    assert v["best_other_arm"] == "symbolic" and v["margin_points"] == pytest.approx(10.0)
+    assert v["winner"] == "neurosymbolic" and not any("target" in k or k.endswith("_met") for k in v)
     assert v["router_failures_all_arms"] == 14 and v["router_style_failures_all_arms"] == 4
     assert v["router_accuracy_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
 
@@ -192,4 +193,76 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
     # the symbolic round still ran because the format was broken and no prompt stated it yet
     assert ns["router"]["label_accuracy"] == 1.0
     assert ns["decisions"]["symbolic"] >= 1
-    assert result["verdict"]["router_target"] == 0.8 and "margin_points" in result["verdict"]
+    assert result["verdict"]["winner"] in result["arms"] and "margin_points" in result["verdict"]
+
+
+def test_fair_arms_seeds_and_splits(tiny_model_dir, tmp_path, capsys):
+    """The fair baselines, a pool apart from the gate split, two seeds and a paired interval."""
+    from nslora_plugin.cli import main
+
+    out = tmp_path / "fair"
+    arms = "lora,lora_instruction,lora_instruction_all,fixed,neurosymbolic"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out), "--arms", arms,
+                 "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--pool-size", "3", "--seeds", "0,1", "--bootstrap", "200",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline",
+                 "--set", "nll_threshold=100", "--set", "gate_tie_break=accept",
+                 "--set", "style_share_threshold=0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "95 % paired bootstrap interval" in printed and "per seed" in printed
+    assert "target" not in printed
+
+    result = json.loads((out / "compare.json").read_text())
+    splits = result["splits"]
+    assert {k: v["n"] for k, v in splits.items()} == {"train": 24, "gate": 4, "pool": 3, "held_out": 12}
+    gate, pool = set(splits["gate"]["ids"]), set(splits["pool"]["ids"])
+    assert not gate & pool and not (gate | pool) & set(splits["held_out"]["ids"])
+    assert list(result["per_seed"]) == ["0", "1"] and list(result["arms"]) == arms.split(",")
+    for name, arm in result["arms"].items():
+        assert len(arm["held_out"]["accuracy_per_seed"]) == 2 and arm["seeds"] == 2
+    v = result["verdict"]
+    lo, hi = v["margin_interval95_points"]
+    assert lo <= v["margin_points"] <= hi and v["seeds"] == 2
+    for seed in ("0", "1"):
+        runs = result["per_seed"][seed]
+        assert runs["lora"]["train_steps"] == 4 and runs["lora"]["edits_proposed"] == 0
+        assert "Final:" in runs["lora_instruction"]["system_prompt"]
+        assert runs["lora"]["system_prompt"] == result["settings"]["nslora_config"]["system_prompt"]
+        # the neurosymbolic arm trains on pool rows only: no gate row ever becomes a training row
+        augmented = out / f"seed-{seed}" / "neurosymbolic" / "nslora" / "augmented.jsonl"
+        ids = {json.loads(line)["example_id"] for line in augmented.open()}
+        assert ids and ids <= pool
+        # the fixed schedule edits on the baseline probe, then only trains
+        decisions = [json.loads(x) for x in
+                     (out / f"seed-{seed}" / "fixed" / "nslora" / "decisions.jsonl").open()]
+        routes = [d for d in decisions if d["kind"] == "route"]
+        assert routes[0]["step"] == 0 and routes[0]["action"] == "symbolic"
+        assert all(r["action"] == "numerical" for r in routes[1:])
+
+
+def test_baseline_rows_write_the_instruction_where_the_reply_follows_it():
+    from nslora_plugin.harness.compare import baseline_rows, build_parser, build_config
+    from nslora_plugin.harness.tasks import make_facts_task
+
+    task = make_facts_task(3, probe_size=4, pool_size=3)
+    cfg = build_config(build_parser().parse_args([]), task, Path("unused"))
+    rows, prompt = baseline_rows("lora_instruction", task, cfg)
+    instructed = [r for r in rows if "system_prompt" in r]
+    assert {r["id"] for r in instructed} == {r["id"] for r in task.pool}  # only their replies end in Final:
+    assert prompt.endswith(task.format_instruction)
+    rows_all, _ = baseline_rows("lora_instruction_all", task, cfg)
+    assert all(r.get("system_prompt") == prompt for r in rows_all)
+    rows_plain, plain_prompt = baseline_rows("lora", task, cfg)
+    assert len(rows_plain) == len(task.train) + len(task.pool) and plain_prompt == task.system_prompt
+
+
+def test_paired_bootstrap_interval_brackets_the_difference():
+    from nslora_plugin.harness.compare import paired_bootstrap
+
+    a = [{str(i): int(i < 6) for i in range(10)}, {str(i): int(i < 7) for i in range(10)}]
+    b = [{str(i): int(i < 3) for i in range(10)}, {str(i): int(i < 3) for i in range(10)}]
+    point, lo, hi = paired_bootstrap(a, b, n_boot=500)
+    assert point == pytest.approx(0.35) and lo < point < hi and lo > 0
+    same, lo0, hi0 = paired_bootstrap(a, a, n_boot=200)
+    assert same == 0 and lo0 == 0 and hi0 == 0

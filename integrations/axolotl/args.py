@@ -192,10 +192,12 @@ def _check_axolotl_settings(data: Mapping[str, Any], config: NSLoRAConfig,
         raise NSLoRAConfigError(
             f"{PREFIX}probe_path is required when {SWITCH}: true — a JSONL file of held-out "
             "examples (rows with `messages`, or `question`/`answer`) that NSLoRA scores at each check")
-    if not Path(config.probe_path).is_file():
-        raise NSLoRAConfigError(
-            f"{origin.get('probe_path', PREFIX + 'probe_path')}: file {config.probe_path!r} does not "
-            f"exist (relative paths are read from the working directory, {str(Path.cwd())!r})")
+    for name in ("probe_path", "pool_path"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).is_file():
+            raise NSLoRAConfigError(
+                f"{origin.get(name, PREFIX + name)}: file {path!r} does not exist (relative paths "
+                f"are read from the working directory, {str(Path.cwd())!r})")
     if data.get("sample_packing"):
         raise NSLoRAConfigError(
             "sample_packing: true cannot be combined with nslora: true — accepted prompts are "

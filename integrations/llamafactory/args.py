@@ -245,10 +245,12 @@ def prepare(cfg: Mapping[str, Any], *, base_dir: Path | None = None,
         raise NSLoRAConfigError(
             "nslora_probe_path is required: a JSONL file of held-out examples (rows with messages, "
             "question/answer or prompt/completion) that NSLoRA scores at every check.", key="probe_path")
-    if not Path(nslora.probe_path).is_file():
-        raise NSLoRAConfigError(
-            f"Invalid NSLoRA value nslora_probe_path={nslora.probe_path!r}: no such file "
-            f"(relative paths are read from the working directory, {os.getcwd()}).", key="probe_path")
+    for name in ("probe_path", "pool_path"):
+        path = getattr(nslora, name)
+        if path is not None and not Path(path).is_file():
+            raise NSLoRAConfigError(
+                f"Invalid NSLoRA value nslora_{name}={path!r}: no such file "
+                f"(relative paths are read from the working directory, {os.getcwd()}).", key=name)
 
     default_system = lf.get("default_system")
     if nslora.system_prompt is not None:

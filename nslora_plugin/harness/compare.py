@@ -1,6 +1,6 @@
-"""`nslora compare`: numerical-only vs symbolic-only vs neurosymbolic, same budgets, one table.
+"""`nslora compare`: the neurosymbolic loop against fair baselines, same budgets, one table.
 
-Three arms on the same model, data, probe set and held-out set:
+Arms on the same model, data, probe (gate) set and held-out set (the default is the first three):
 
 - **numerical**: TRL `SFTTrainer` + LoRA for `--max-steps`, NSLoRA attached with a router that
   always answers "numerical" (so it probes at the same checks and logs the classifier's labels,
@@ -9,7 +9,22 @@ Three arms on the same model, data, probe set and held-out set:
   checks at steps `check_every, 2*check_every, ... <= max_steps`, and at each check a symbolic
   round (the editor proposes, the validation gate decides) while failures remain and the editor
   budget (`max_symbolic_rounds`) lasts. "Step" is only the check's label here;
-- **neurosymbolic**: the loop as configured (the router decides at each check).
+- **neurosymbolic**: the loop as configured (the router decides at each check);
+- **lora**: plain LoRA (no NSLoRA) for `--max-steps` on every labelled row the neurosymbolic arm
+  may train on: the training rows plus the pool (`--pool-size`) under the original prompt;
+- **lora_instruction**: the careful manual fix — the same rows, with the format instruction
+  written by hand into the system prompt of the rows whose replies follow it (the pool's), and
+  that prompt at evaluation; **lora_instruction_all** writes it into every row's prompt;
+- **fixed**: a fixed schedule in the style of DSPy's BetterTogether — a symbolic round on the
+  baseline probe before the first step, then LoRA for the whole budget, prompts as data on.
+
+With `--pool-size N` the labelled rows outside training are split in two: the probe is the
+**gate split** (scored by the gate and the router, never trained on by any arm) and the **pool**
+is what prompts-as-data and every LoRA baseline may train on; held-out rows are never seen. The
+splits (sizes and ids) are in the results file. `--seeds 0,1,2` runs every arm once per seed
+(the training seed: LoRA init, batch order, probe order; the task's rows stay those of
+`--seed`), reports mean ± sd and per-seed values, and the margin of neurosymbolic over the best
+other arm with a 95 % paired bootstrap interval over held-out rows and seeds.
 
 Numerical and neurosymbolic share the step budget; symbolic and neurosymbolic share the editor
 budget. Each arm starts from a fresh copy of the base model. After each arm the held-out rows are
@@ -39,13 +54,16 @@ from typing import Any
 
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
+from ..rewards import format_compliant
 from ..run import RunView
 from ..types import ProbeReport, RouteDecision
 from ..util import read_jsonl_tolerant
 from . import tables
 from .tasks import Task, load_task
 
-ARMS = ("numerical", "symbolic", "neurosymbolic")
+DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
+ARMS = (*DEFAULT_ARMS, "lora", "lora_instruction", "lora_instruction_all", "fixed")
+PLAIN_LORA_ARMS = ("lora", "lora_instruction", "lora_instruction_all")
 ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
 
 
@@ -59,7 +77,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default=None,
                    help="local model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output-dir", default="nslora-compare", help="run folder (default: ./nslora-compare)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help="comma-separated subset of " + ", ".join(ARMS) + " (default: "
+                        + ",".join(DEFAULT_ARMS) + ")")
     p.add_argument("--max-steps", type=int, default=60, help="optimizer steps (numerical, neurosymbolic)")
     p.add_argument("--check-every", type=int, default=None, help="default: max_steps // 4")
     p.add_argument("--batch-size", type=int, default=8)
@@ -85,7 +105,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="one NSLoRA config value, e.g. --set nll_threshold=3 (repeatable)")
     p.add_argument("--json", default=None, help="where to write the results (default: <output-dir>/compare.json)")
     p.add_argument("--no-baseline", action="store_true", help="skip the held-out score of the untouched model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="task seed (and the training seed without --seeds)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds, e.g. 0,1,2: every arm runs once per seed")
+    p.add_argument("--pool-size", type=int, default=0,
+                   help="labelled rows outside training that prompts-as-data and the LoRA "
+                        "baselines may train on; the probe then is never trained on (default 0)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     return p
 
 
@@ -148,6 +174,20 @@ class SymbolicOnlyRoute:
         if not editor.available:
             return decide("numerical", f"symbolic-only arm: no editor ({editor.reason})")
         return decide("symbolic", "symbolic-only arm: a symbolic round at every check")
+
+
+class FixedScheduleRoute:
+    """The fixed arm's router: a symbolic round on the baseline probe (step 0, before any weight
+    update), LoRA at every later check — prompt first, then weights, whatever the failures say."""
+
+    @hookimpl(tryfirst=True)
+    def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
+                     run: RunView) -> RouteDecision:
+        first = signal.step == 0 and bool(labels) and run.editor.available
+        return RouteDecision(step=signal.step, action="symbolic" if first else "numerical",
+                             reason="fixed schedule: " + ("prompt first" if first else "then LoRA"),
+                             scores={"failures": float(len(labels))}, labels=list(labels),
+                             signal=signal, probe=report.summary())
 
 
 # ------------------------------------------------------------------ scoring
@@ -267,6 +307,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
+    seeds = _seeds(args)
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -281,7 +322,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     task = load_task(args.task, seed=args.seed, probe_size=args.probe_size,
                      held_out_size=args.held_out_size, n_train=args.train_size,
                      n_entities=args.entities, train_paraphrases=args.train_paraphrases,
-                     gsm8k_path=args.gsm8k_path)
+                     gsm8k_path=args.gsm8k_path, pool_size=args.pool_size)
     console.print(f"model: {model_path}")
     console.print(f"task: {task.describe()}")
     if not torch.cuda.is_available():
@@ -300,7 +341,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                       f"{config.max_symbolic_rounds} symbolic rounds, editor {config.editor}")
         held = _examples(task.held_out)
         result = {"task": {"name": task.name, "train": len(task.train), "probe": len(task.probe),
-                           "held_out": len(task.held_out), **task.meta},
+                           "pool": len(task.pool), "held_out": len(task.held_out), **task.meta},
+                  "splits": task.splits(),
                   "model": str(model_path), "machine": machine(), "command": _command(),
                   "settings": {"max_steps": args.max_steps, "check_every": config.check_every,
                                "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -315,17 +357,42 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             report = _evaluate(tokenizer, held, config, model, config.system_prompt)
             result["base"] = {**held_out_metrics(report, task, held), "eval_seconds": round(time.time() - t0, 1)}
             del model
-        for arm in arms:
-            console.rule(f"arm: {arm}")
-            result["arms"][arm] = run_arm(arm, args, task, config, tokenizer, model_path,
-                                          output_dir / arm, console)
-            _write(result, args, output_dir)
-    result["verdict"] = verdict(result)
+        per_seed: dict[str, dict[str, Any]] = {}
+        for seed in seeds:
+            seed_dir = output_dir if len(seeds) == 1 else output_dir / f"seed-{seed}"
+            seed_config = config if seed == config.seed else config.replace(seed=seed)
+            seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            runs = per_seed.setdefault(str(seed), {})
+            for arm in arms:
+                console.rule(f"arm: {arm}" + (f" · seed {seed}" if len(seeds) > 1 else ""))
+                runs[arm] = run_arm(arm, seed_args, task, seed_config, tokenizer, model_path,
+                                    seed_dir / arm, console)
+                if len(seeds) == 1:
+                    result["arms"] = runs
+                else:
+                    result["per_seed"] = per_seed
+                    result["arms"] = aggregate_seeds(per_seed)
+                _write(result, args, output_dir)
+    if len(seeds) > 1:
+        result["settings"]["seeds"] = seeds
+    result["verdict"] = verdict(result, per_seed, n_boot=args.bootstrap)
     result["wall_seconds"] = round(time.time() - t_start, 1)
     path = _write(result, args, output_dir)
     print_table(console, result)
     console.print(f"results: {path}")
     return result
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if not args.seeds:
+        return [args.seed]
+    try:
+        seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
 
 
 def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig, tokenizer: Any,
@@ -338,14 +405,25 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     plugins: list[Any] = [recorder]
     if arm == "numerical":
         plugins.insert(0, NumericalOnlyRoute())
+    if arm == "fixed":
+        plugins.insert(0, FixedScheduleRoute())
+        cfg = cfg.replace(check_at_start=True)
+    pool = task.pool or None
     t0 = time.time()
     model = _load_model(model_path)
-    if arm == "symbolic":
+    summary: dict[str, Any] = {}
+    if arm in PLAIN_LORA_ARMS:  # no NSLoRA at all: the rows and prompt a careful user would use
+        rows, final_prompt = baseline_rows(arm, task, cfg)
+        trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir, rows=rows)
+        trainer.train()
+        final_model, train_steps = trainer.model, trainer.state.global_step
+    elif arm == "symbolic":
         from ..loop import NeurosymbolicLoop
 
         probe = load_probe_examples(task.probe, limit=cfg.probe_size, seed=cfg.seed)
         loop = NeurosymbolicLoop(cfg, tokenizer, probe, output_dir=cfg.output_dir,
-                                 plugins=[SymbolicOnlyRoute(), recorder], console=console)
+                                 plugins=[SymbolicOnlyRoute(), recorder], console=console,
+                                 pool=load_probe_examples(task.pool) if pool else ())
         loop.start(model)
         for step in range(cfg.check_every, args.max_steps + 1, cfg.check_every):
             loop.check(step, model)
@@ -356,7 +434,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         from ..callback import attach
 
         trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir)
-        callback = attach(trainer, cfg, probe=task.probe, plugins=plugins, console=console)
+        callback = attach(trainer, cfg, probe=task.probe, plugins=plugins, console=console, pool=pool)
         trainer.train()
         loop = callback.loop
         summary = callback.summary
@@ -373,11 +451,13 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     (arm_dir / "held_out.jsonl").write_text("".join(
         json.dumps({**r.to_dict(), "kind": task.failure_kind(held[r.example_id].answer, r.completion)},
                    ensure_ascii=False) + "\n" for r in report.results))
-    decisions = read_jsonl_tolerant(Path(cfg.output_dir) / "decisions.jsonl")
+    decisions = read_jsonl_tolerant(Path(cfg.output_dir) / "decisions.jsonl") \
+        if arm not in PLAIN_LORA_ARMS else []
     edits = [d for d in decisions if d.get("kind") == "edit"]
     usage = summary.get("editor_usage") or {}
     out = {
         "held_out": metrics,
+        "held_out_passed": {r.example_id: int(r.passed) for r in report.results},
         "probe_before": summary.get("probe_before"), "probe_after": summary.get("probe_after"),
         "train_steps": train_steps,
         "decisions": summary.get("decisions", {}),
@@ -389,7 +469,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         "router": router_accuracy(decisions, recorder.rows),
         "faults": summary.get("faults", {}),
         "wall_seconds": round(wall, 1), "held_out_eval_seconds": round(time.time() - t1, 1),
-        "artifacts": str(Path(cfg.output_dir)),
+        "artifacts": str(Path(cfg.output_dir)) if arm not in PLAIN_LORA_ARMS else str(arm_dir),
     }
     console.print(f"{arm}: held-out accuracy {metrics['accuracy']:.3f}, fact accuracy "
                   f"{metrics['fact_accuracy']:.3f}, format {metrics['format_compliance']:.3f} "
@@ -397,15 +477,31 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     return out
 
 
+def baseline_rows(arm: str, task: Task, cfg: NSLoRAConfig) -> tuple[list[dict[str, Any]], str | None]:
+    """Training rows and evaluation prompt of a plain-LoRA arm: the training rows and the pool
+    (every labelled row the neurosymbolic arm may train on); `lora_instruction` writes the format
+    instruction into the prompt of the rows whose replies follow the format, `_all` into every
+    row's; both then evaluate under that prompt."""
+    rows = [dict(r) for r in [*task.train, *task.pool]]
+    if arm == "lora":
+        return rows, cfg.system_prompt
+    instructed = "\n".join(p for p in (cfg.system_prompt, cfg.format_instruction) if p)
+    for row in rows:
+        if arm == "lora_instruction_all" or format_compliant(row["answer"], cfg.answer_format or ""):
+            row["system_prompt"] = instructed
+    return rows, instructed
+
+
 def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer: Any, model: Any,
-             arm_dir: Path) -> Any:
+             arm_dir: Path, rows: Sequence[dict[str, Any]] | None = None) -> Any:
     from ..training import build_sft_trainer, sft_config
 
     sft_args = sft_config(arm_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed, max_length=args.max_length,
                           disable_tqdm=True)
     # quiet: the loop's own lines say what happens
-    return build_sft_trainer(model, tokenizer, task.train, cfg.system_prompt, sft_args,
+    return build_sft_trainer(model, tokenizer, task.train if rows is None else rows,
+                             cfg.system_prompt, sft_args,
                              lora_r=args.lora_r, quiet=True)
 
 
@@ -431,23 +527,89 @@ def _evaluate(tokenizer: Any, examples: dict[str, Any], config: NSLoRAConfig, mo
 
 
 # ------------------------------------------------------------------ verdict, table, files
-def verdict(result: dict[str, Any]) -> dict[str, Any]:
+def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per arm over seeds: means (and sd, per-seed values) of the table's measures, sums of counts."""
+    import statistics
+
+    arms: dict[str, Any] = {}
+    for arm in next(iter(per_seed.values())):
+        runs = [per_seed[s][arm] for s in per_seed if arm in per_seed[s]]
+        held: dict[str, Any] = {}
+        for key in ("accuracy", "fact_accuracy", "format_compliance", "reward"):
+            values = [r["held_out"][key] for r in runs]
+            held[key] = round(statistics.fmean(values), 4)
+            held[f"{key}_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+            held[f"{key}_per_seed"] = values
+        probes = [(r.get("probe_after") or {}).get("reward") for r in runs]
+        labels = [r["router"]["label_accuracy"] for r in runs if r["router"]["label_accuracy"] is not None]
+        arms[arm] = {
+            "held_out": held,
+            "probe_after": {"reward": round(statistics.fmean(probes), 4)} if None not in probes else None,
+            "edits_proposed": sum(r["edits_proposed"] for r in runs),
+            "edits_accepted": sum(r["edits_accepted"] for r in runs),
+            "editor_calls": sum(r["editor_calls"] for r in runs),
+            "editor_tokens": sum(r["editor_tokens"] for r in runs),
+            "router": {"label_accuracy": round(statistics.fmean(labels), 4) if labels else None,
+                       "failures": sum(r["router"]["failures"] for r in runs),
+                       "confusion_truth_by_label": _sum_confusions(r["router"] for r in runs)},
+            "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+            "seeds": len(runs),
+        }
+    return arms
+
+
+def _sum_confusions(routers: Any) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {k: {"factual": 0, "style": 0} for k in ("factual", "style")}
+    for r in routers:
+        for truth, by_label in (r.get("confusion_truth_by_label") or {}).items():
+            for label, n in by_label.items():
+                total[truth][label] += n
+    return total
+
+
+def paired_bootstrap(a: Sequence[dict[str, int]], b: Sequence[dict[str, int]], n_boot: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of accuracy(a) - accuracy(b), and its 95 % interval: held-out rows are
+    resampled with replacement within each seed, the same rows for both arms (paired)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [[(x[i], y[i]) for i in sorted(x)] for x, y in zip(a, b)]
+
+    def diff(rows_per_seed: list[list[tuple[int, int]]]) -> float:
+        return sum(sum(p - q for p, q in rows) / len(rows) for rows in rows_per_seed) / len(rows_per_seed)
+
+    point = diff(pairs)
+    draws = sorted(diff([[rows[rng.randrange(len(rows))] for _ in rows] for rows in pairs])
+                   for _ in range(n_boot))
+    return point, draws[int(0.025 * n_boot)], draws[min(int(0.975 * n_boot), n_boot - 1)]
+
+
+def verdict(result: dict[str, Any], per_seed: dict[str, dict[str, Any]] | None = None,
+            n_boot: int = 2000) -> dict[str, Any]:
+    """Which arm wins on held-out accuracy and by how much; neurosymbolic's margin over the best
+    other arm with a paired bootstrap interval. Measured numbers only: no targets."""
     arms = result.get("arms", {})
     out: dict[str, Any] = {}
-    if "neurosymbolic" in arms:
-        ns = arms["neurosymbolic"]["held_out"]["accuracy"]
-        singles = {a: arms[a]["held_out"]["accuracy"] for a in ("numerical", "symbolic") if a in arms}
-        if singles:
-            best = max(singles, key=singles.get)
-            margin = round(100 * (ns - singles[best]), 1)
-            out.update(best_single_arm=best, margin_points=margin, margin_target_points=3.0,
-                       margin_met=margin >= 3.0)
-        acc = arms["neurosymbolic"]["router"]["label_accuracy"]
-        out.update(router_accuracy=acc, router_target=0.8,
-                   router_met=acc is not None and acc >= 0.8)
-    # every arm logs the classifier's labels at the same checks (only the neurosymbolic arm acts
-    # on them); pooled, they cover failures the neurosymbolic arm never meets (e.g. "style" ones
-    # once the weights know the facts but no prompt asks for the format)
+    acc = {a: v["held_out"]["accuracy"] for a, v in arms.items()}
+    if acc:
+        winner = max(acc, key=lambda a: (acc[a], a == "neurosymbolic"))
+        out.update(winner=winner, winner_accuracy=acc[winner])
+    if "neurosymbolic" in arms and len(arms) > 1:
+        others = {a: v for a, v in acc.items() if a != "neurosymbolic"}
+        best = max(others, key=lambda a: others[a])
+        out.update(best_other_arm=best,
+                   margin_points=round(100 * (acc["neurosymbolic"] - others[best]), 1))
+        runs = list((per_seed or {}).values()) or [arms]
+        if all("held_out_passed" in r.get(a, {}) for r in runs for a in ("neurosymbolic", best)):
+            _, lo, hi = paired_bootstrap([r["neurosymbolic"]["held_out_passed"] for r in runs],
+                                         [r[best]["held_out_passed"] for r in runs], n_boot)
+            out.update(margin_interval95_points=[round(100 * lo, 1), round(100 * hi, 1)],
+                       bootstrap_resamples=n_boot, seeds=len(runs))
+        out.update(router_accuracy=arms["neurosymbolic"]["router"]["label_accuracy"])
+    # every arm with NSLoRA attached logs the classifier's labels at the same checks (only the
+    # neurosymbolic arm acts on them); pooled, they cover failures the neurosymbolic arm never
+    # meets (e.g. "style" ones once the weights know the facts but no prompt asks for the format)
     pooled = {"right": 0, "failures": 0, "style": 0}
     for a in arms.values():
         r = a.get("router") or {}
@@ -478,7 +640,8 @@ def table_rows(result: dict[str, Any], base_label: str = "base") -> list[list[st
         h = a["held_out"]
         probe = (a.get("probe_after") or {}).get("reward")
         racc = a["router"]["label_accuracy"]
-        rows.append([arm, f"{h['accuracy']:.3f}", f"{h['fact_accuracy']:.3f}",
+        accuracy = f"{h['accuracy']:.3f}" + (f" ± {h['accuracy_sd']:.3f}" if "accuracy_sd" in h else "")
+        rows.append([arm, accuracy, f"{h['fact_accuracy']:.3f}",
                      f"{h['format_compliance']:.3f}", "" if probe is None else f"{probe:.3f}",
                      f"{a['edits_accepted']}/{a['edits_proposed']}", str(a["editor_calls"]),
                      str(a["editor_tokens"]), "" if racc is None else f"{racc:.3f}",
@@ -491,26 +654,43 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
     tables.print_table(console, f"nslora compare — {t['name']} (held-out n={t['held_out']}, "
                        f"{result['settings']['max_steps']} steps, editor {result['settings']['editor']})",
                        COLUMNS, table_rows(result))
+    for line in verdict_lines(result):
+        console.print(line)
     v = result.get("verdict") or {}
-    if "margin_points" in v:
-        console.print(f"neurosymbolic vs best single arm ({v['best_single_arm']}): "
-                      f"{v['margin_points']:+.1f} points (target >= +3.0: "
-                      f"{'met' if v['margin_met'] else 'not met'})")
-    if v.get("router_accuracy") is not None:
-        ns = result["arms"]["neurosymbolic"]["router"]
-        console.print(f"router accuracy: {v['router_accuracy']:.3f} over {ns['failures']} labelled "
-                      f"failures (action agreement {ns['action_accuracy']:.3f}; target >= 0.8: "
-                      f"{'met' if v['router_met'] else 'not met'})")
     if v.get("router_accuracy_all_arms") is not None:
         console.print(f"router labels in all arms: {v['router_accuracy_all_arms']:.3f} right over "
                       f"{v['router_failures_all_arms']} labelled failures "
                       f"({v['router_style_failures_all_arms']} of them style by construction)")
     other = {arm: a["held_out"].get("accuracy_other_facts") for arm, a in result["arms"].items()}
+    if "per_seed" in result:
+        for arm, a in result["arms"].items():
+            console.print(f"{arm}: held-out accuracy per seed "
+                          + ", ".join(f"{x:.3f}" for x in a["held_out"]["accuracy_per_seed"]))
     if any(x is not None for x in other.values()):
         n_other = next(a["held_out"].get("n_other_facts") for a in result["arms"].values())
         console.print(f"held-out accuracy on the {n_other} facts outside the probe set (probe "
                       "references can become training rows): " + ", ".join(
                           f"{arm} {x:.3f}" for arm, x in other.items() if x is not None))
+
+
+def verdict_lines(result: dict[str, Any]) -> list[str]:
+    """The verdict in words: who wins, neurosymbolic's margin and interval, router accuracy."""
+    v = result.get("verdict") or {}
+    lines = []
+    if "winner" in v:
+        lines.append(f"highest held-out accuracy: {v['winner']} ({v['winner_accuracy']:.3f})")
+    if "margin_points" in v:
+        interval = v.get("margin_interval95_points")
+        lines.append(f"neurosymbolic vs the best other arm ({v['best_other_arm']}): "
+                     f"{v['margin_points']:+.1f} points" + (
+                         f", 95 % paired bootstrap interval [{interval[0]:+.1f}, {interval[1]:+.1f}] "
+                         f"over {v['seeds']} seed(s)" if interval else ""))
+    if v.get("router_accuracy") is not None:
+        ns = result["arms"]["neurosymbolic"]["router"]
+        lines.append(f"router label accuracy: {v['router_accuracy']:.3f} over {ns['failures']} "
+                     "labelled failures" + (f" (action agreement {ns['action_accuracy']:.3f})"
+                                             if "action_accuracy" in ns else ""))
+    return lines
 
 
 def markdown_table(result: dict[str, Any]) -> str:

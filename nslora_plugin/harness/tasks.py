@@ -88,6 +88,9 @@ class Task:
     answer_pattern: str = FINAL_FORMAT
     fact_match: Literal["contains", "number"] = "contains"
     meta: dict[str, Any] = field(default_factory=dict)
+    #: labelled rows outside training that prompts-as-data and every baseline may train on; the
+    #: probe (the gate split) is never trained on when there is a pool
+    pool: list[dict[str, Any]] = field(default_factory=list)
 
     def config_overrides(self) -> dict[str, Any]:
         """The `NSLoRAConfig` keys this task sets."""
@@ -99,8 +102,15 @@ class Task:
                             answer_pattern=self.answer_pattern, fact_match=self.fact_match)
 
     def describe(self) -> str:
-        return (f"{self.name}: {len(self.train)} training rows, {len(self.probe)} probe, "
-                f"{len(self.held_out)} held-out")
+        pool = f", {len(self.pool)} pool" if self.pool else ""
+        return (f"{self.name}: {len(self.train)} training rows, {len(self.probe)} probe (gate)"
+                f"{pool}, {len(self.held_out)} held-out")
+
+    def splits(self) -> dict[str, Any]:
+        """Sizes and ids of each split, for the results file."""
+        return {name: {"n": len(rows), "ids": [r["id"] for r in rows]}
+                for name, rows in (("train", self.train), ("gate", self.probe),
+                                   ("pool", self.pool), ("held_out", self.held_out))}
 
 
 # ------------------------------------------------------------------ the ground-truth rule
@@ -210,13 +220,14 @@ def make_entities(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: int = 2,
                     probe_size: int = 16, held_out_size: int | None = None,
-                    attributes: tuple[str, ...] = tuple(ATTRIBUTES)) -> Task:
+                    attributes: tuple[str, ...] = tuple(ATTRIBUTES), pool_size: int = 0) -> Task:
     """The synthetic "facts + format" task (see module docstring).
 
     Facts: `n_entities` x `attributes`. Training: every fact under templates
     `0 .. train_paraphrases-1` (reply without the `Final:` line). Probe: `probe_size` facts under
     template `train_paraphrases` (the next one). Held-out: `held_out_size` facts (default: all)
-    under the last template. Probe and held-out references end with `Final: <answer>`.
+    under the last template. Probe and held-out references end with `Final: <answer>`. Pool:
+    `pool_size` other facts (none of the probe's) under the probe's template, with `Final:`.
     """
     if not 1 <= train_paraphrases <= N_PARAPHRASES - 2:
         raise ValueError(f"train_paraphrases must be between 1 and {N_PARAPHRASES - 2}")
@@ -247,7 +258,11 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
     held_facts = facts if held_out_size is None else rng.sample(facts, min(held_out_size, len(facts)))
     probe = [row(e, a, probe_t, "probe", True) for e, a in probe_facts]
     held_out = [row(e, a, held_t, "held", True) for e, a in held_facts]
-    return Task(name="synthetic", train=train, probe=probe, held_out=held_out, fact_match="contains",
+    others = [f for f in facts if f not in probe_facts]
+    pool_facts = random.Random(seed + 3).sample(others, min(pool_size, len(others)))
+    pool = [row(e, a, probe_t, "pool", True) for e, a in pool_facts]
+    return Task(name="synthetic", train=train, probe=probe, held_out=held_out, pool=pool,
+                fact_match="contains",
                 meta={"entities": n_entities, "attributes": list(attributes), "seed": seed,
                       "facts": len(facts), "train_paraphrases": list(range(train_paraphrases)),
                       "probe_paraphrase": probe_t, "held_out_paraphrase": held_t})
@@ -255,13 +270,14 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
 
 # ------------------------------------------------------------------ GSM8K / JSONL
 def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 16,
-                    held_out_size: int = 64, seed: int = 0, name: str | None = None) -> Task:
+                    held_out_size: int = 64, seed: int = 0, name: str | None = None,
+                    pool_size: int = 0) -> Task:
     """A task from a JSONL file of `question`/`answer` rows (GSM8K's `#### n` answers are
-    recognised). Seeded shuffle, then held-out, probe and training rows, disjoint."""
+    recognised). Seeded shuffle, then held-out, probe, pool and training rows, disjoint."""
     from ..data import read_jsonl
 
     rows = read_jsonl(path)
-    need = probe_size + held_out_size + 1
+    need = probe_size + held_out_size + pool_size + 1
     if len(rows) < need:
         raise ValueError(f"{path} has {len(rows)} rows; need at least {need}")
     order = list(range(len(rows)))
@@ -295,9 +311,11 @@ def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 1
 
     held = [make(x, "held") for x in prepared[:held_out_size]]
     probe = [make(x, "probe") for x in prepared[held_out_size:held_out_size + probe_size]]
-    train = [make(x, "train") for x in prepared[held_out_size + probe_size:]]
+    start = held_out_size + probe_size
+    pool = [make(x, "pool") for x in prepared[start:start + pool_size]]
+    train = [make(x, "train") for x in prepared[start + pool_size:]]
     label = name or ("gsm8k" if "gsm8k" in str(path).lower() else Path(path).stem)
-    return Task(name=label, train=train, probe=probe, held_out=held,
+    return Task(name=label, train=train, probe=probe, held_out=held, pool=pool,
                 fact_match="number" if numeric else "contains",
                 format_instruction=("End every reply with a last line of the form 'Final: <answer>', "
                                     "where <answer> is only the final number." if numeric
@@ -307,21 +325,23 @@ def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 1
 
 def load_task(spec: str, *, seed: int = 0, probe_size: int = 16, held_out_size: int | None = None,
               n_train: int | None = None, n_entities: int = 12, train_paraphrases: int = 2,
-              gsm8k_path: str | Path | None = None) -> Task:
+              gsm8k_path: str | Path | None = None, pool_size: int = 0) -> Task:
     """`synthetic`, `gsm8k` (the file at `gsm8k_path`, default `$NSLORA_GSM8K` or the shared
     data folder) or a path to a JSONL file."""
     if spec == "synthetic":
         return make_facts_task(n_entities, seed=seed, train_paraphrases=train_paraphrases,
-                               probe_size=probe_size, held_out_size=held_out_size)
+                               probe_size=probe_size, held_out_size=held_out_size,
+                               pool_size=pool_size)
     if spec == "gsm8k":
         import os
 
         path = Path(gsm8k_path or os.environ.get("NSLORA_GSM8K") or _default_gsm8k())
         return load_jsonl_task(path, n_train=n_train or 256, probe_size=probe_size,
-                               held_out_size=held_out_size or 64, seed=seed, name="gsm8k")
+                               held_out_size=held_out_size or 64, seed=seed, name="gsm8k",
+                               pool_size=pool_size)
     if Path(spec).is_file():
         return load_jsonl_task(spec, n_train=n_train or 256, probe_size=probe_size,
-                               held_out_size=held_out_size or 64, seed=seed)
+                               held_out_size=held_out_size or 64, seed=seed, pool_size=pool_size)
     raise ValueError(f"--task {spec!r}: expected 'synthetic', 'gsm8k' or a JSONL file that exists")
 
 
