@@ -1,5 +1,5 @@
-"""The `nslora` command: `nslora demo`, `nslora show RUN_DIR`, `nslora generate RUN_DIR "question"`,
-`nslora doctor --model ...`, `nslora version`."""
+"""The `nslora` command: `nslora demo`, `nslora compare`, `nslora sweep`, `nslora show RUN_DIR`,
+`nslora generate RUN_DIR "question"`, `nslora doctor --model ...`, `nslora version`."""
 
 from __future__ import annotations
 
@@ -24,10 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     from .harness.compare import build_parser as build_compare_parser
 
     build_compare_parser(sub.add_parser(
-        "compare", help="numerical-only vs symbolic-only vs neurosymbolic on one task, same budgets",
-        description="Run three arms (LoRA only, prompt edits only, the loop) and print a table."))
+        "compare", help="the loop against fair baselines on one task, same budgets and seeds",
+        description="Run the arms (LoRA baselines, prompt edits only, a fixed schedule, the loop) "
+                    "and print a table."))
+    from .harness.sweep import build_parser as build_sweep_parser
+
+    build_sweep_parser(sub.add_parser(
+        "sweep", help="the 'when' sweep: compare's arms over a mix of fact and format weaknesses",
+        description="Run nslora compare at each --mix point and write a table and a plot."))
     args = parser.parse_args(argv)
 
+    if args.command == "sweep":
+        from .harness.sweep import run_sweep
+
+        run_sweep(args)
+        return 0
     if args.command == "compare":
         from .harness.compare import run_compare
 

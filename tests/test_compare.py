@@ -266,3 +266,30 @@ def test_paired_bootstrap_interval_brackets_the_difference():
     assert point == pytest.approx(0.35) and lo < point < hi and lo > 0
     same, lo0, hi0 = paired_bootstrap(a, a, n_boot=200)
     assert same == 0 and lo0 == 0 and hi0 == 0
+
+
+def test_the_when_sweep_writes_a_table_and_a_plot(tiny_model_dir, tmp_path):
+    from nslora_plugin.cli import main
+    from nslora_plugin.harness.tasks import make_facts_task
+
+    given = make_facts_task(3, probe_size=4, context_share=1.0)
+    assert all(r["fact_in_question"] and r["final_answer"] in r["question"] for r in given.held_out)
+    assert not any(r["fact_in_question"] for r in make_facts_task(3, probe_size=4).held_out)
+
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--mix", "0,1", "--arms", "lora,neurosymbolic", "--seeds", "0,1", "--bootstrap", "100",
+                 "--max-steps", "2", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--pool-size", "2", "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline"])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [p["style_share"] for p in sweep["points"]] == [0.0, 1.0]
+    for point in sweep["points"]:
+        assert set(point["arms"]) == {"lora", "neurosymbolic"}
+        for arm in point["arms"].values():
+            lo, hi = arm["interval95"]
+            assert lo <= arm["accuracy"] <= hi and len(arm["per_seed"]) == 2
+        assert point["result"]["task"]["context_share"] == point["style_share"]
+    table = (out / "sweep.md").read_text()
+    assert "facts/style 100/0" in table and "facts/style 0/100" in table
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -112,6 +112,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="labelled rows outside training that prompts-as-data and the LoRA "
                         "baselines may train on; the probe then is never trained on (default 0)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
+    p.add_argument("--context-share", type=float, default=0.0,
+                   help="synthetic task: share of facts stated in their questions (only the format "
+                        "is left to learn for those; the knob of `nslora sweep`)")
     return p
 
 
@@ -322,7 +325,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     task = load_task(args.task, seed=args.seed, probe_size=args.probe_size,
                      held_out_size=args.held_out_size, n_train=args.train_size,
                      n_entities=args.entities, train_paraphrases=args.train_paraphrases,
-                     gsm8k_path=args.gsm8k_path, pool_size=args.pool_size)
+                     gsm8k_path=args.gsm8k_path, pool_size=args.pool_size,
+                     context_share=getattr(args, "context_share", 0.0))
     console.print(f"model: {model_path}")
     console.print(f"task: {task.describe()}")
     if not torch.cuda.is_available():

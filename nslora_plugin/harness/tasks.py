@@ -220,7 +220,8 @@ def make_entities(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: int = 2,
                     probe_size: int = 16, held_out_size: int | None = None,
-                    attributes: tuple[str, ...] = tuple(ATTRIBUTES), pool_size: int = 0) -> Task:
+                    attributes: tuple[str, ...] = tuple(ATTRIBUTES), pool_size: int = 0,
+                    context_share: float = 0.0) -> Task:
     """The synthetic "facts + format" task (see module docstring).
 
     Facts: `n_entities` x `attributes`. Training: every fact under templates
@@ -228,7 +229,14 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
     template `train_paraphrases` (the next one). Held-out: `held_out_size` facts (default: all)
     under the last template. Probe and held-out references end with `Final: <answer>`. Pool:
     `pool_size` other facts (none of the probe's) under the probe's template, with `Final:`.
+
+    `context_share` is the knob of the "when" sweep: that share of the facts (seeded) is stated
+    in every question about it, in every split ("Note: the capital of X is Y."), so the model can
+    read the answer and only the format is left to learn — a style weakness. At 0 every fact
+    must be learned (and the format too); at 1 only the format is missing.
     """
+    if not 0.0 <= context_share <= 1.0:
+        raise ValueError(f"context_share must be between 0 and 1, got {context_share}")
     if not 1 <= train_paraphrases <= N_PARAPHRASES - 2:
         raise ValueError(f"train_paraphrases must be between 1 and {N_PARAPHRASES - 2}")
     unknown = [a for a in attributes if a not in ATTRIBUTES]
@@ -237,16 +245,23 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
     entities = make_entities(n_entities, seed)
     facts = [(e, a) for e in entities for a in attributes]
     probe_t, held_t = train_paraphrases, N_PARAPHRASES - 1
+    given = set(random.Random(seed + 4).sample(range(len(facts)), round(context_share * len(facts))))
+    given_facts = {(facts[i][0]["entity"], facts[i][1]) for i in given}
 
     def row(e: dict[str, str], attr: str, t: int, split: str, with_final: bool) -> dict[str, Any]:
         questions, reply = ATTRIBUTES[attr]
         value = e[attr]
         text = reply.format(e=e["entity"], v=value)
+        question = questions[t].format(e=e["entity"])
+        in_context = (e["entity"], attr) in given_facts
+        if in_context:
+            question = f"Note: {reply.format(e=e['entity'], v=value)} {question}"
         if with_final:
             text += f"\nFinal: {value}"
         out = {"id": f"{split}-{e['entity'].lower()}-{attr}-p{t}",
-               "question": questions[t].format(e=e["entity"]), "answer": text,
-               "final_answer": value, "entity": e["entity"], "attribute": attr, "paraphrase": t}
+               "question": question, "answer": text,
+               "final_answer": value, "entity": e["entity"], "attribute": attr, "paraphrase": t,
+               "fact_in_question": in_context}
         if split != "train":
             out["kind_rule"] = KIND_RULE
         return out
@@ -265,7 +280,8 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
                 fact_match="contains",
                 meta={"entities": n_entities, "attributes": list(attributes), "seed": seed,
                       "facts": len(facts), "train_paraphrases": list(range(train_paraphrases)),
-                      "probe_paraphrase": probe_t, "held_out_paraphrase": held_t})
+                      "probe_paraphrase": probe_t, "held_out_paraphrase": held_t,
+                      "context_share": context_share, "facts_in_question": len(given)})
 
 
 # ------------------------------------------------------------------ GSM8K / JSONL
@@ -325,13 +341,14 @@ def load_jsonl_task(path: str | Path, *, n_train: int = 256, probe_size: int = 1
 
 def load_task(spec: str, *, seed: int = 0, probe_size: int = 16, held_out_size: int | None = None,
               n_train: int | None = None, n_entities: int = 12, train_paraphrases: int = 2,
-              gsm8k_path: str | Path | None = None, pool_size: int = 0) -> Task:
+              gsm8k_path: str | Path | None = None, pool_size: int = 0,
+              context_share: float = 0.0) -> Task:
     """`synthetic`, `gsm8k` (the file at `gsm8k_path`, default `$NSLORA_GSM8K` or the shared
     data folder) or a path to a JSONL file."""
     if spec == "synthetic":
         return make_facts_task(n_entities, seed=seed, train_paraphrases=train_paraphrases,
                                probe_size=probe_size, held_out_size=held_out_size,
-                               pool_size=pool_size)
+                               pool_size=pool_size, context_share=context_share)
     if spec == "gsm8k":
         import os
 
