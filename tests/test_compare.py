@@ -293,3 +293,21 @@ def test_the_when_sweep_writes_a_table_and_a_plot(tiny_model_dir, tmp_path):
     table = (out / "sweep.md").read_text()
     assert "facts/style 100/0" in table and "facts/style 0/100" in table
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_learned_router_can_start_from_flipped_weights(tiny_model_dir, tmp_path):
+    from nslora_plugin.cli import main
+    from nslora_plugin.router import PRIOR_WEIGHTS
+
+    out = tmp_path / "flipped"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--arms", "neurosymbolic", "--router-start", "flipped", "--set", "router=learned",
+                 "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline"])
+    assert code == 0
+    decisions = [json.loads(x) for x in (out / "neurosymbolic" / "nslora" / "decisions.jsonl").open()]
+    first = next(d for d in decisions if d["kind"] == "route")
+    assert first["scores"]["w_format_violation"] == -PRIOR_WEIGHTS["format_violation"]
+    result = json.loads((out / "compare.json").read_text())
+    assert result["settings"]["router_start"] == "flipped"
+    assert result["arms"]["neurosymbolic"]["router"]["per_check"]  # per-check label accuracy

@@ -112,6 +112,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="labelled rows outside training that prompts-as-data and the LoRA "
                         "baselines may train on; the probe then is never trained on (default 0)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
+    p.add_argument("--router-start", choices=("prior", "flipped"), default="prior",
+                   help="flipped: the NSLoRA arms' router starts from the prior weights with every "
+                        "sign flipped (use with --set router=learned to see whether it recovers)")
     p.add_argument("--context-share", type=float, default=0.0,
                    help="synthetic task: share of facts stated in their questions (only the format "
                         "is left to learn for those; the knob of `nslora sweep`)")
@@ -352,7 +355,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                                "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                "lora_r": args.lora_r, "max_new_tokens": args.max_new_tokens,
                                "editor": config.editor, "max_symbolic_rounds": config.max_symbolic_rounds,
-                               "seed": args.seed, "nslora_config": config.to_dict()},
+                               "seed": args.seed, "router_start": args.router_start,
+                               "nslora_config": config.to_dict()},
                   "arms": {}}
         if not args.no_baseline:
             t0 = time.time()
@@ -407,6 +411,12 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     cfg = config.replace(output_dir=str(arm_dir / "nslora"))
     recorder = GroundTruthRecorder(task)
     plugins: list[Any] = [recorder]
+    if getattr(args, "router_start", "prior") == "flipped":  # replaces the built-in router
+        from ..router import PRIOR_WEIGHTS, LearnedRouter, PriorRouter
+
+        flipped = {k: -v for k, v in PRIOR_WEIGHTS.items()}
+        plugins.append(LearnedRouter(flipped) if cfg.router == "learned" else PriorRouter(flipped))
+        cfg = cfg.replace(plugins=[*cfg.plugins, "no:nslora.router"])
     if arm == "numerical":
         plugins.insert(0, NumericalOnlyRoute())
     if arm == "fixed":
