@@ -123,9 +123,10 @@ class NSLoRAConfig:
         "no length / JSON / exact-match reward needs the whole reply).")
 
     # editor and the validation gate
-    editor: Literal["textgrad", "constraint", "none"] = _opt(
-        "textgrad", "editor", "Which built-in editor proposes prompt rewrites first ('none': no "
-        "built-in editor; an editor plugin may still edit).")
+    editor: Literal["textgrad", "constraint", "demonstrations", "none"] = _opt(
+        "textgrad", "editor", "Which built-in editor proposes prompt rewrites first: an editor "
+        "LLM (TextGrad), the constraint statements, or worked examples from the pool "
+        "('demonstrations'); 'none': no built-in editor (an editor plugin may still edit).")
     editor_fallback: Literal["constraint", "none"] = _opt(
         "constraint", "editor", "What runs when the editor's candidate fails the gate or the "
         "editor is down.")
@@ -155,6 +156,10 @@ class NSLoRAConfig:
         "'accept' / 'reject' as named.")
     max_prompt_chars: int = _opt(2000, "editor", "Longest system prompt accepted.",
                                  check="positive")
+    demo_examples: int = _opt(2, "editor", "Worked examples per candidate of the demonstrations "
+                              "editor (drawn from the pool).", check="positive")
+    demo_candidates: int = _opt(3, "editor", "Different example sets the demonstrations editor "
+                                "offers the gate per round.", check="positive")
 
     # editor backend and calls
     editor_backend: Literal["openai", "litellm", "local"] = _opt(

@@ -1,6 +1,6 @@
 """Build the plugin manager: the built-in behaviour is registered as plugins exactly like third
 parties' (by name: nslora.rewards, nslora.router, nslora.augment, nslora.editor.constraint,
-nslora.editor.textgrad), third parties also through the `nslora` entry-point group (opt out with
+nslora.editor.demonstrations, nslora.editor.textgrad), third parties also through the `nslora` entry-point group (opt out with
 NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."""
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def builtin_plugins(config: NSLoRAConfig) -> list[tuple[str, Any]]:
         config.editor != "none" and config.editor_fallback == "constraint")
     if wants_constraint:
         plugins.append(("nslora.editor.constraint", ConstraintEditor()))
+    if config.editor == "demonstrations":
+        from .editor.demonstrations import DemonstrationsEditor
+
+        plugins.append(("nslora.editor.demonstrations", DemonstrationsEditor()))
     if config.editor == "textgrad":
         from .editor.textgrad_editor import TextGradEditor
 

@@ -311,3 +311,19 @@ def test_a_learned_router_can_start_from_flipped_weights(tiny_model_dir, tmp_pat
     result = json.loads((out / "compare.json").read_text())
     assert result["settings"]["router_start"] == "flipped"
     assert result["arms"]["neurosymbolic"]["router"]["per_check"]  # per-check label accuracy
+
+
+def test_compare_counts_candidates_per_editor(tiny_model_dir, tmp_path):
+    from nslora_plugin.cli import main
+
+    out = tmp_path / "demos"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--arms", "neurosymbolic", "--editor", "demonstrations", "--pool-size", "3",
+                 "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline",
+                 "--set", "style_share_threshold=0", "--set", "demo_candidates=2"])
+    assert code == 0
+    ns = json.loads((out / "compare.json").read_text())["arms"]["neurosymbolic"]
+    demos = ns["editors"]["demonstrations"]
+    assert demos["proposed"] >= 1 and demos["accepted"] <= demos["proposed"]
+    assert sum(c["proposed"] for c in ns["editors"].values()) == ns["edits_proposed"]

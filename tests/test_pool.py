@@ -17,10 +17,11 @@ ROWS = make_word_problems(48, seed=5)
 
 
 def config(**extra):
-    return NSLoRAConfig(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
-                        probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
-                        format_instruction=FORMAT_INSTRUCTION, style_share_threshold=0.0,
-                        gate_tie_break="accept", **extra)
+    settings = dict(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
+                    probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
+                    format_instruction=FORMAT_INSTRUCTION, style_share_threshold=0.0,
+                    gate_tie_break="accept")
+    return NSLoRAConfig(**{**settings, **extra})
 
 
 def test_prompts_as_data_trains_on_the_pool_not_the_probe(tmp_path, default_model_dir):
@@ -48,3 +49,37 @@ def test_a_pool_row_that_is_also_a_probe_row_is_refused(tmp_path, default_model_
     attach(trainer, config(), probe=ROWS[32:36], pool=ROWS[34:40])
     with pytest.raises(ValueError, match="pool rows must not be probe rows"):
         trainer.train()
+
+
+def test_the_demonstrations_editor_shows_pool_rows_and_the_gate_picks_a_set(tmp_path, default_model_dir):
+    from nslora_plugin.editor.demonstrations import HEADER
+
+    tok = load_tokenizer(default_model_dir)
+    probe, pool = ROWS[32:36], ROWS[36:44]
+    trainer = sft_trainer(tok, tmp_path / "out", ROWS[:32], max_steps=2)
+    cfg = config(editor="demonstrations", editor_fallback="none", demo_examples=2, demo_candidates=2)
+    callback = attach(trainer, cfg, probe=probe, pool=pool)
+    trainer.train()
+    decisions = [json.loads(x) for x in (callback.loop.artifacts.root / "decisions.jsonl").open()]
+    edits = [d for d in decisions if d["kind"] == "edit"]
+    assert edits and edits[0]["editor"] == "demonstrations:1"
+    shown = edits[0]["meta"]["demonstrations"]
+    assert len(shown) == 2 and set(shown) <= {r["id"] for r in pool}
+    assert HEADER in edits[0]["candidate"]
+    for ex_id in shown:  # each demonstration is a pool row's question and reference, verbatim
+        row = next(r for r in pool if r["id"] == ex_id)
+        assert row["question"] in edits[0]["candidate"] and row["answer"] in edits[0]["candidate"]
+    assert all(e["editor"].startswith("demonstrations:") for e in edits)
+    assert len(edits) <= 2 * callback.loop.decision_counts["symbolic"]  # at most demo_candidates per round
+
+
+def test_the_demonstrations_editor_without_a_pool_says_why(tmp_path, default_model_dir):
+    tok = load_tokenizer(default_model_dir)
+    trainer = sft_trainer(tok, tmp_path / "out", ROWS[:32], max_steps=2)
+    callback = attach(trainer, config(editor="demonstrations", editor_fallback="none"), probe=ROWS[32:36])
+    trainer.train()
+    decisions = [json.loads(x) for x in (callback.loop.artifacts.root / "decisions.jsonl").open()]
+    faults = [d for d in decisions if d["kind"] == "fault" and d["where"] == "startup"]
+    assert faults and "needs a pool (pool_path)" in faults[0]["message"]
+    routes = [d for d in decisions if d["kind"] == "route"]
+    assert routes and all(r["action"] == "numerical" for r in routes)

@@ -86,9 +86,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--editor", choices=("constraint", "textgrad"), default="constraint",
+    p.add_argument("--editor", choices=("constraint", "textgrad", "demonstrations"), default="constraint",
                    help="constraint: the deterministic editor (fast, no LLM); textgrad: an editor LLM "
-                        "(--editor-base-url, else `transformers serve` on the model is started)")
+                        "(--editor-base-url, else `transformers serve` on the model is started); "
+                        "demonstrations: worked examples from the pool (needs --pool-size)")
     p.add_argument("--editor-base-url", default=None)
     p.add_argument("--editor-model", default=None)
     p.add_argument("--max-symbolic-rounds", type=int, default=2, help="editor budget per arm")
@@ -476,6 +477,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         "train_steps": train_steps,
         "decisions": summary.get("decisions", {}),
         "edits_proposed": len(edits), "edits_accepted": sum(bool(e.get("accepted")) for e in edits),
+        "editors": editor_counts(edits, summary.get("faults", {})),
         "editor_calls": int(usage.get("calls", 0)),
         "editor_tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0)),
         "augmented_examples": summary.get("augmented_examples", 0),
@@ -488,6 +490,29 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     console.print(f"{arm}: held-out accuracy {metrics['accuracy']:.3f}, fact accuracy "
                   f"{metrics['fact_accuracy']:.3f}, format {metrics['format_compliance']:.3f} "
                   f"({out['wall_seconds']} s)")
+    return out
+
+
+def editor_counts(edits: Sequence[dict[str, Any]], faults: dict[str, int]) -> dict[str, Any]:
+    """Per editor: candidates that reached the gate, accepted ones and their mean reward change,
+    and replies that gave no usable candidate (no tags, template tokens, too long)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in edits:
+        name = str(e.get("editor", "?")).split(":")[0]
+        c = out.setdefault(name, {"proposed": 0, "accepted": 0, "unusable": 0, "reward_change": []})
+        c["proposed"] += 1
+        c["accepted"] += int(bool(e.get("accepted")))
+        if e.get("reward_after") is not None:
+            c["reward_change"].append(e["reward_after"] - e["reward_before"])
+    for kind, n in faults.items():
+        where, _, error = kind.partition(":")
+        if where in ("textgrad", "demonstrations") and error in ("EditorNoTags", "EditorUnsafeCandidate",
+                                                                  "EditorOverlongCandidate", "message"):
+            out.setdefault(where, {"proposed": 0, "accepted": 0, "unusable": 0, "reward_change": []})
+            out[where]["unusable"] += n
+    for c in out.values():
+        changes = c.pop("reward_change")
+        c["mean_reward_change"] = round(sum(changes) / len(changes), 4) if changes else None
     return out
 
 
@@ -561,6 +586,7 @@ def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "probe_after": {"reward": round(statistics.fmean(probes), 4)} if None not in probes else None,
             "edits_proposed": sum(r["edits_proposed"] for r in runs),
             "edits_accepted": sum(r["edits_accepted"] for r in runs),
+            "editors": _sum_editors(r.get("editors", {}) for r in runs),
             "editor_calls": sum(r["editor_calls"] for r in runs),
             "editor_tokens": sum(r["editor_tokens"] for r in runs),
             "router": {"label_accuracy": round(statistics.fmean(labels), 4) if labels else None,
@@ -570,6 +596,16 @@ def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "seeds": len(runs),
         }
     return arms
+
+
+def _sum_editors(per_run: Any) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for editors in per_run:
+        for name, c in editors.items():
+            t = total.setdefault(name, {"proposed": 0, "accepted": 0, "unusable": 0})
+            for key in t:
+                t[key] += c[key]
+    return total
 
 
 def _sum_confusions(routers: Any) -> dict[str, dict[str, int]]:
@@ -676,6 +712,11 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
                       f"{v['router_failures_all_arms']} labelled failures "
                       f"({v['router_style_failures_all_arms']} of them style by construction)")
     other = {arm: a["held_out"].get("accuracy_other_facts") for arm, a in result["arms"].items()}
+    for arm, a in result["arms"].items():
+        if a.get("editors"):
+            console.print(f"{arm} editors: " + "; ".join(
+                f"{name} {c['accepted']}/{c['proposed']} accepted, {c['unusable']} unusable"
+                for name, c in a["editors"].items()))
     if "per_seed" in result:
         for arm, a in result["arms"].items():
             console.print(f"{arm}: held-out accuracy per seed "
