@@ -16,8 +16,6 @@ adapter and its prompt always travel together.
 
 from __future__ import annotations
 
-from .util import read_jsonl_tolerant
-
 import json
 import os
 import shutil
@@ -26,16 +24,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .util import read_jsonl_tolerant, redact
+
 ARTIFACT_DIR = "nslora"
 _NOT_COPIED = ("editor_logs", "editor_cache")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask cannot be read without setting it
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write `text` in full or not at all (a temporary file, then a rename), secrets scrubbed,
+    with the mode a plain `open()` would give (mkstemp's own is 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(redact(text))
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
@@ -55,7 +71,7 @@ class ArtifactStore:
 
     def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
         with open(self.path(name), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            fh.write(redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n")
             fh.flush()
 
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:

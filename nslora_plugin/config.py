@@ -16,15 +16,20 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import lru_cache
-from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+from typing import (Any, Literal, Mapping, Optional, Sequence, Union, get_args, get_origin,
+                    get_type_hints)
 
 from .util import parse_bool
 
 __all__ = ["NSLoRAConfig", "NSLoRAConfigError", "FieldSpec", "config_fields"]
+
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+               "str": "a string", "list": "a list"}
 
 #: what `check` in a field's metadata allows, and the words an error uses for it
 CHECKS = {"positive": "a number > 0", "non_negative": "a number >= 0",
@@ -253,7 +258,11 @@ class NSLoRAConfig:
             if spec.kind == "str" and not spec.optional and isinstance(value, str) \
                     and value.strip().lower() == "none":
                 continue
-            setattr(self, spec.name, _coerce(spec.name, value, spec.kind))
+            coerced = _coerce(spec.name, value, spec.kind)
+            if coerced is None and not spec.optional:
+                _fail(spec.name, value, f"{_KIND_WORDS[spec.kind]}; null / none is not allowed here "
+                      f"(leave the key out to keep the default, {spec.default!r})")
+            setattr(self, spec.name, coerced)
 
     def _validate(self) -> None:
         """Every rule in one place: ranges and allowed values from the fields' metadata and
@@ -329,8 +338,25 @@ class NSLoRAConfig:
         path = Path(path)
         if not path.is_file():
             raise NSLoRAConfigError(f"NSLoRA config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise NSLoRAConfigError(f"NSLoRA config file {str(path)!r} is not UTF-8 text ({exc.reason} "
+                                    f"at byte {exc.start}); save it as UTF-8") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise NSLoRAConfigError(f"NSLoRA config file {str(path)!r} is not valid YAML{line}: "
+                                    f"{getattr(exc, 'problem', None) or exc}") from None
         if isinstance(data, Mapping) and isinstance(data.get("nslora"), Mapping):
+            # other keys may belong to a framework sharing the file; NSLoRA's own would be ignored
+            fields = set(cls.field_names())
+            stray = sorted(str(k) for k in data if k != "nslora" and normalize_key(str(k)) in fields)
+            if stray:
+                raise NSLoRAConfigError(
+                    f"NSLoRA config file {str(path)!r} has NSLoRA keys next to its 'nslora:' block "
+                    f"({', '.join(stray)}), where they would be ignored; put them under 'nslora:'",
+                    key=normalize_key(stray[0]))
             data = data["nslora"]
         return cls.from_dict(data, **overrides)
 
@@ -355,7 +381,8 @@ class NSLoRAConfig:
     def from_cli(cls, argv: list[str] | None = None) -> "NSLoRAConfig":
         parser = argparse.ArgumentParser(add_help=False)
         cls.add_cli_arguments(parser)
-        ns, _ = parser.parse_known_args(argv)
+        ns, rest = parser.parse_known_args(argv)
+        check_unknown_flags(rest)
         return cls.from_cli_namespace(ns)
 
     # ---------------------------------------------------------------- serialization
@@ -367,6 +394,17 @@ class NSLoRAConfig:
 
     def replace(self, **changes: Any) -> "NSLoRAConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_unknown_flags(strings: Sequence[str]) -> None:
+    """Raise on a `--nslora_*` flag no field has (parse_known_args would leave it unparsed)."""
+    known = {"--nslora_config", *(f"--nslora_{f.name}" for f in dataclasses.fields(NSLoRAConfig))}
+    for item in strings:
+        flag = item.split("=", 1)[0]
+        if flag.startswith("--nslora") and flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise NSLoRAConfigError(f"Unknown NSLoRA flag {flag!r}.{hint}", key=normalize_key(flag[2:]))
 
 
 def normalize_key(key: str) -> str:
@@ -452,16 +490,17 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
                 pass
         _fail(name, value, "an integer")
     if kind == "float":
-        if isinstance(value, bool):
-            _fail(name, value, "a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        _fail(name, value, "a number")
+        if number is None or not math.isfinite(number):
+            _fail(name, value, "a finite number")
+        return number
     if kind == "str":
         if isinstance(value, str):
             return value

@@ -24,7 +24,7 @@ from .probe import ProbeEvaluator
 from .prompt_state import PromptCandidate, PromptState
 from .rewards import format_compliant
 from .run import EditorAvailability, RunView, Stash
-from .util import ROLE_MARKERS, redact
+from .util import ROLE_MARKERS, install_log_redaction, redact, register_secret, url_secrets
 from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
                     ProbeResult, RouteDecision)
 
@@ -38,6 +38,8 @@ class NeurosymbolicLoop:
             raise ValueError("NSLoRA needs probe examples (set probe_path, pass probe=..., or give "
                              "the trainer an eval_dataset with messages or question/answer rows)")
         self.config = config
+        register_secret(*url_secrets(config.editor_base_url))  # scrubbed from files and logs
+        install_log_redaction()
         self.tokenizer = tokenizer
         self.is_main = is_main_process
         self.examples = {e.id: e for e in probe[:config.probe_size]}
@@ -302,6 +304,8 @@ class NeurosymbolicLoop:
             return None, "candidate consisted of template tokens only"
         if len(cleaned) > self.config.max_prompt_chars:
             return None, f"candidate longer than max_prompt_chars={self.config.max_prompt_chars}"
+        if redact(cleaned) != cleaned:
+            return None, "candidate contains a secret (an editor key or a URL password)"
         return cleaned, None
 
     def _augment(self, prompt: str, after: ProbeReport, before: ProbeReport) -> None:

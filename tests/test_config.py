@@ -26,7 +26,7 @@ def test_from_dict_accepts_framework_prefixes_and_strings() -> None:
     ({"chek_every": 3}, "chek_every", "Did you mean 'check_every'"),
     ({"check_every": 0}, "check_every=0", "> 0"),
     ({"check_every": "often"}, "check_every='often'", "an integer"),
-    ({"editor": "gpt4"}, "editor='gpt4'", "'textgrad', 'constraint', 'none'"),
+    ({"editor": "gpt4"}, "editor='gpt4'", "'textgrad', 'constraint', 'demonstrations', 'none'"),
     ({"augment_share": 1.5}, "augment_share=1.5", "between 0 and 1"),
     ({"answer_format": "(unclosed"}, "answer_format='(unclosed'", "valid regular expression"),
     ({"editor_base_url": "localhost:8000"}, "editor_base_url='localhost:8000'", "http(s) URL"),

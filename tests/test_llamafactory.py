@@ -72,7 +72,7 @@ def test_split_keeps_lf_keys_and_validates_nslora_keys(tmp_path):
 
 @pytest.mark.parametrize("keys, fragments", [
     ({"nslora_chek_every": 3}, ["'nslora_chek_every'", "Did you mean 'nslora_check_every'?"]),
-    ({"nslora_editor": "gpt"}, ["nslora_editor='gpt'", "'textgrad', 'constraint', 'none'"]),
+    ({"nslora_editor": "gpt"}, ["nslora_editor='gpt'", "'textgrad', 'constraint', 'demonstrations', 'none'"]),
     ({"nslora_check_every": "often"}, ["nslora_check_every='often'", "an integer"]),
     ({"nslora_probe_path": "missing.jsonl"}, ["nslora_probe_path='missing.jsonl'", "no such file"]),
     ({"nslora_editor": "constraint"}, ["nslora_probe_path is required"]),
@@ -213,7 +213,7 @@ def test_bad_nslora_key_fails_before_any_model_loads(lf, tmp_path):
     python, env, data = lf
     for override, fragments in (
             ("nslora_chek_every=3", ["'nslora_chek_every'", "Did you mean 'nslora_check_every'?"]),
-            ("nslora_editor=gpt", ["nslora_editor='gpt'", "one of 'textgrad', 'constraint', 'none'"])):
+            ("nslora_editor=gpt", ["nslora_editor='gpt'", "one of 'textgrad', 'constraint', 'demonstrations', 'none'"])):
         # A model path that does not exist: reaching the model loader would fail differently.
         out = run_lf(python, env, ["-m", MODULE, "train", str(LORA), "model_name_or_path=/nonexistent",
                                    f"dataset_dir={data}", f"output_dir={tmp_path / 'run'}",

@@ -82,3 +82,51 @@ def test_the_key_never_reaches_artifacts_logs_state_or_errors(tmp_path, monkeypa
     for record in caplog.records:
         assert FAKE_KEY not in record.getMessage(), record.name
         assert FAKE_KEY not in str(record.__dict__), record.name
+
+
+URL_PASSWORD = "pw-nslora-URL-9876543210fedcba"
+
+
+def test_a_password_in_the_editor_url_reaches_no_file_and_no_log(tmp_path, monkeypatch, default_model_dir,
+                                                                caplog, capfd):
+    """A key given as the URL's password (http://user:KEY@host/v1): not in config.json, not in
+    a checkpoint, not in decisions, not in a log, whole or as its last 8 characters or as the
+    Basic token built from it; a candidate prompt carrying it is dropped."""
+    import base64
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = load_tokenizer(default_model_dir)
+    rows = make_word_problems(68, seed=13)
+    token = base64.b64encode(f"nslora:{URL_PASSWORD}".encode()).decode()
+    with FaultServer() as server, caplog.at_level(logging.DEBUG):
+        schedule = FaultSchedule(server, {1: {"mode": "5xx"}, 2: {"mode": "leak"}})
+        trainer = sft_trainer(tokenizer, tmp_path / "run", rows[:64], max_steps=2, save_steps=1,
+                              batch_size=1)
+        cfg = editor_config(server, probe_size=2, editor_batch_size=1)
+        url = cfg.editor_base_url.replace("http://", f"http://nslora:{URL_PASSWORD}@")
+        callback = attach(trainer, cfg.replace(editor_base_url=url), probe=rows[64:], plugins=[schedule])
+        trainer.train()
+        loop = callback.loop
+        # the candidate check drops a prompt that carries a secret
+        assert loop.sanitize(f"Be brief. {token}")[1] == \
+            "candidate contains a secret (an editor key or a URL password)"
+        log_text = caplog.text
+    assert '"editor_base_url": "http://nslora:***@' in (tmp_path / "run" / "nslora" / "config.json").read_text()
+    assert (tmp_path / "run" / "checkpoint-1" / "nslora" / "config.json").is_file()
+    leaks = (URL_PASSWORD, URL_PASSWORD[-8:], token, token.rstrip("="))
+    hits = [str(p) for p in tmp_path.rglob("*") if p.is_file()
+            and any(s.encode() in p.read_bytes() for s in leaks)]
+    assert hits == []
+    out, err = capfd.readouterr()
+    assert not any(s in text for s in leaks for text in (log_text, out, err))
+
+
+def test_redaction_covers_fragments_and_masked_quotes(monkeypatch):
+    from nslora_plugin.util import redact
+
+    monkeypatch.setenv("MY_API_KEY", FAKE_KEY)
+    assert redact(f"bad key {FAKE_KEY}") == "bad key ***"
+    assert redact(f"Incorrect API key provided: sk-nslo...{FAKE_KEY[-4:]}.") == \
+        "Incorrect API key provided: sk-nslo***."
+    assert redact(f"key ending {FAKE_KEY[-8:]}") == "key ending ***"
+    assert redact("year 1234 and ...1234x stay") == "year 1234 and ...1234x stay"
