@@ -58,10 +58,38 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
 
 
+class RunFolderInUse(RuntimeError):
+    """Another run holds this artifacts folder."""
+
+
 class ArtifactStore:
+    LOCK = ".run.lock"
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Hold the folder for this run. A second run on it stops here, with the reason; the lock
+        is the OS's (flock), so a killed run leaves nothing stale behind."""
+        from filelock import FileLock, Timeout
+
+        if self._lock is not None:
+            return
+        lock = FileLock(str(self.path(self.LOCK)))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunFolderInUse(
+                f"NSLoRA: another run is writing to {str(self.root)!r} (it holds {self.LOCK}); give "
+                "this run its own output_dir (or NSLoRA output_dir), or stop the other run first") from None
+        self._lock = lock
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -141,8 +169,23 @@ def find_artifact_dir(path: str | Path) -> Path:
         "output folder, a checkpoint-N folder or the final adapter folder")
 
 
+class ArtifactsUnreadable(ValueError):
+    """A saved artifact file is torn or empty."""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactsUnreadable(
+            f"NSLoRA: {str(path)!r} is not readable JSON ({exc}); the file is truncated or empty — "
+            "resume from an earlier checkpoint, or delete the NSLoRA folder of this one to start "
+            "the loop afresh") from None
+    if not isinstance(data, dict):
+        raise ArtifactsUnreadable(f"NSLoRA: {str(path)!r} should hold a JSON object")
+    return data
 
 
 def load_artifacts(path: str | Path) -> NSLoRAArtifacts:

@@ -69,7 +69,10 @@ class NSLoRACallback(TrainerCallback):
         pool = load_probe_examples(self.pool_source, id_prefix="pool-") \
             if self.pool_source is not None else []
         output = Path(self.config.output_dir or Path(args.output_dir) / ARTIFACT_DIR)
+        max_length = (self.max_length or getattr(args, "max_length", None)
+                      or getattr(args, "sequence_len", None))
         self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, pool=pool, output_dir=output,
+                                      max_length=max_length,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
         warn_cpu_precision(args)
@@ -87,8 +90,6 @@ class NSLoRACallback(TrainerCallback):
                 log.warning("NSLoRA: resuming at step %s but %s has no NSLoRA state; starting the "
                             "loop afresh from the initial prompt", state.global_step, saved)
         if train_dataloader is not None:
-            max_length = (self.max_length or getattr(args, "max_length", None)
-                          or getattr(args, "sequence_len", None))
             wrap_collate_fn(train_dataloader,
                             lambda base: self.loop.wrap_collator(base, max_length=max_length))
         self._hook_handle = model.register_forward_hook(self._capture_loss)
@@ -113,6 +114,8 @@ class NSLoRACallback(TrainerCallback):
         for loss in self._pending_losses:
             self.loop.record_micro_loss(float(loss))
         self._pending_losses.clear()
+        # batches trained on so far: a checkpoint's collator state goes back to the next one
+        self.loop.trained_batches = state.global_step * max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
         due = self.loop.check_due(state.global_step)
         self.loop.after_step(state.global_step, model)
         if due:

@@ -1,10 +1,36 @@
 """Chat messages and their rendering, in one place: every stage that builds a conversation (the
 probe, the collator, training rows, prompts-as-data, the editor client, inference) goes through
-these two functions, so the system prompt is placed the same way everywhere."""
+these two functions, so the system prompt is placed the same way everywhere; and the one filter
+for text that must not carry chat-template tokens (candidate prompts, rewritten questions)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .util import GENERIC_MARKER, ROLE_MARKERS
+
+_MARKUP = set("<>[]|")
+
+
+def template_tokens(tokenizer: Any = None) -> set[str]:
+    """Every token a prompt must not contain: the tokenizer's special tokens, its added tokens
+    that look like markup (`<filename>`, `<|im_start|>`, `[INST]`: they encode as single special
+    ids), and the common chat-template markers of other model families."""
+    found = set(ROLE_MARKERS) | set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if callable(added):
+        try:
+            found |= {t for t in added() if len(t) >= 3 and _MARKUP & set(t)}
+        except Exception:  # a tokenizer without an added vocabulary has nothing to add
+            pass
+    return {t for t in found if t and t.strip()}
+
+
+def control_tokens(text: str, tokenizer: Any = None) -> list[str]:
+    """The template tokens (see `template_tokens`) and `<|...|>` markers found in `text`."""
+    found = {t for t in template_tokens(tokenizer) if t in text}
+    found.update(GENERIC_MARKER.findall(text))
+    return sorted(found)
 
 
 def chat_messages(system: str | None, user: str, assistant: str | None = None) -> list[dict[str, str]]:

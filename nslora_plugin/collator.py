@@ -21,6 +21,7 @@ no packing; both are checked and reported once.
 from __future__ import annotations
 
 import logging
+import collections
 import random
 import threading
 from typing import Any, Callable, Sequence
@@ -113,6 +114,34 @@ class NSLoRACollator:
         self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0,
                       "kept_initial": 0, "batches": 0}
         self._warned: set[str] = set()
+        # before each batch: what it was collated with (a data loader collates ahead of training,
+        # so a checkpoint must go back to the first batch not yet trained on)
+        self._before: collections.deque[dict[str, Any]] = collections.deque(maxlen=16)
+        self._replay: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- resume
+    def state(self, trained_batches: int | None = None) -> dict[str, Any]:
+        """What a checkpoint needs to go on with the same batches (JSON-able): the mixing RNG and
+        counters as they were before batch `trained_batches` (the first one not trained on yet:
+        it may already be collated, ahead of training), and the prompt and augmented pool that
+        batch was collated with."""
+        with self._lock:
+            snap = next((s for s in self._before if s["stats"]["batches"] == trained_batches), None)
+            if snap is None:  # nothing collated ahead: the current state is the one to go on from
+                version, internal, gauss = self._rng.getstate()
+                return {"stats": dict(self.stats), "rng": [version, list(internal), gauss]}
+            version, internal, gauss = snap["rng"]
+            return {"stats": dict(snap["stats"]), "rng": [version, list(internal), gauss],
+                    "replay": {"prompt": snap["prompt"], "pool": snap["pool"]}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's `state()`: the same batches as an uninterrupted run."""
+        with self._lock:
+            if state.get("rng"):
+                version, internal, gauss = state["rng"]
+                self._rng.setstate((version, tuple(internal), gauss))
+            self.stats.update(state.get("stats", {}))
+            self._replay = dict(state["replay"]) if state.get("replay") else None
 
     # ---------------------------------------------------------------- data in
     def add_augmented(self, rows: Sequence[dict[str, Any]], cap: int) -> None:
@@ -128,6 +157,13 @@ class NSLoRACollator:
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         prompt, version = self.prompt_state.snapshot()
         initial = self.prompt_state.initial
+        with self._lock:
+            pool_size = len(self.augmented)
+            replay, self._replay = self._replay, None
+            if replay is not None:  # the batch an uninterrupted run had collated before its checkpoint
+                prompt, pool_size = replay["prompt"], replay["pool"]
+            self._before.append({"stats": dict(self.stats), "rng": self._rng.getstate(),
+                                 "prompt": prompt, "pool": pool_size})
         self.stats["batches"] += 1
         if features and "seq_lengths" in features[0]:
             self._warn_once("packing", "packed / padding-free batches: prompt edits cannot be spliced "
@@ -140,7 +176,7 @@ class NSLoRACollator:
                 feature, outcome = self._swap(feature, initial, prompt)
                 self.stats[outcome] += 1
             out.append(feature)
-        out = self._mix(out, prompt)
+        out = self._mix(out, prompt, pool_size)
         if self.max_length:
             out = [_truncate(f, self.max_length) for f in out]
         return self.base(out)
@@ -187,9 +223,10 @@ class NSLoRACollator:
             spliced[key] = _like(value, seq[:at] + fill + seq[at + len(old_ids):])
         return spliced, "swapped"
 
-    def _mix(self, features: list[dict[str, Any]], prompt: str | None) -> list[dict[str, Any]]:
+    def _mix(self, features: list[dict[str, Any]], prompt: str | None,
+             pool_size: int) -> list[dict[str, Any]]:
         with self._lock:
-            pool = list(self.augmented)
+            pool = list(self.augmented[:pool_size])
         if not pool or self.augment_share <= 0 or not features:
             return features
         expected = self.augment_share * len(features)

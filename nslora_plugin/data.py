@@ -25,13 +25,25 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                         "UTF-8") from None
+    if text.lstrip().startswith("["):
+        raise ValueError(f"{path} holds a JSON array; NSLoRA reads JSONL, one JSON object per line "
+                         "(e.g. `python -c \"import json,sys; [print(json.dumps(r)) for r in "
+                         "json.load(sys.stdin)]\" < in.json > out.jsonl`)")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{i} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i} is a JSON {type(row).__name__}, not an object with keys")
+            rows.append(row)
     return rows
 
 
@@ -49,6 +61,12 @@ def row_to_example(row: dict[str, Any], index: int, id_prefix: str = "") -> Prob
     rid = str(row["id"]) if "id" in row else f"{id_prefix}{index}"
     if "messages" in row:
         msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise ValueError(f"row {rid}: 'messages' must be a list of {{'role', 'content'}} "
+                             f"objects, got {type(msgs).__name__}")
+        for m in msgs:
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"row {rid}: a {m.get('role', '?')!r} message has no text 'content'")
         users = [m["content"] for m in msgs if m.get("role") == "user"]
         assistants = [m["content"] for m in msgs if m.get("role") == "assistant"]
         if not users or not assistants:
@@ -56,6 +74,9 @@ def row_to_example(row: dict[str, Any], index: int, id_prefix: str = "") -> Prob
         reference = assistants[-1]
         question = users[-1]
     elif "question" in row and "answer" in row:
+        for key in ("question", "answer"):
+            if row[key] is None:
+                raise ValueError(f"row {rid}: {key!r} is null; give the text (or drop the row)")
         question, reference = str(row["question"]), str(row["answer"])
     elif "prompt" in row and "completion" in row:
         question, reference = _content(row["prompt"]), _content(row["completion"])
@@ -71,18 +92,51 @@ def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0,
                         id_prefix: str = "") -> list[ProbeExample]:
     """Probe examples from a path (JSONL), a `datasets.Dataset`, or a list of rows / examples.
     More rows than `limit` are subsampled with `seed`, so the probe set is stable across runs."""
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
     if isinstance(source, (str, Path)):
         rows: Sequence[Any] = read_jsonl(source)
+        if not rows:
+            raise ValueError(f"{source} has no rows; a probe or pool file needs JSONL rows with "
+                             "messages, question/answer or prompt/completion")
     elif hasattr(source, "to_list"):
         rows = source.to_list()
     else:
         rows = list(source)
-    examples = [r if isinstance(r, ProbeExample) else row_to_example(r, i, id_prefix)
-                for i, r in enumerate(rows)]
+    try:
+        examples = [r if isinstance(r, ProbeExample) else row_to_example(r, i, id_prefix)
+                    for i, r in enumerate(rows)]
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
     if limit is not None and len(examples) > limit:
         examples = random.Random(seed).sample(examples, limit)
     return examples
 
+
+
+def fit_to_length(examples: Sequence[ProbeExample], tokenizer: Any,
+                  max_length: int) -> list[ProbeExample]:
+    """Probe / pool rows cut to `max_length` tokens (question at most half of it, the reference
+    the rest), each cut named in one warning: one oversized row must not make the probe try to
+    allocate a batch the size of the longest row."""
+    import dataclasses
+    import logging
+
+    log = logging.getLogger("nslora")
+    out = []
+    for ex in examples:
+        q = tokenizer(ex.question, add_special_tokens=False)["input_ids"]
+        r = tokenizer(ex.reference, add_special_tokens=False)["input_ids"]
+        if len(q) + len(r) <= max_length:
+            out.append(ex)
+            continue
+        q_keep = min(len(q), max_length // 2)
+        r_keep = max(max_length - q_keep, 1)
+        log.warning("NSLoRA: probe row %s has %d tokens (question %d, reference %d), more than "
+                    "max_length=%d; cut to question %d and reference %d tokens", ex.id,
+                    len(q) + len(r), len(q), len(r), max_length, q_keep, min(len(r), r_keep))
+        out.append(dataclasses.replace(ex, question=tokenizer.decode(q[:q_keep]),
+                                       reference=tokenizer.decode(r[:r_keep])))
+    return out
 
 
 def split_gsm8k(answer: str) -> tuple[str, str]:

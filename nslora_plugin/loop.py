@@ -18,13 +18,15 @@ from typing import Any, Sequence
 from .artifacts import ArtifactStore
 from .config import NSLoRAConfig
 from .collator import NSLoRACollator, template_default_system_prompt
+from .data import fit_to_length
 from .monitor import SignalMonitor
 from .plugins import make_plugin_manager
 from .probe import ProbeEvaluator
 from .prompt_state import PromptCandidate, PromptState
 from .rewards import format_compliant
 from .run import EditorAvailability, RunView, Stash
-from .util import ROLE_MARKERS, install_log_redaction, redact, register_secret, url_secrets
+from .chat import control_tokens
+from .util import install_log_redaction, redact, register_secret, url_secrets
 from .types import (DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport,
                     ProbeResult, RouteDecision)
 
@@ -33,7 +35,8 @@ log = logging.getLogger("nslora")
 class NeurosymbolicLoop:
     def __init__(self, config: NSLoRAConfig, tokenizer: Any, probe: Sequence[ProbeExample], *,
                  output_dir: str | Path, plugins: Sequence[Any] = (), is_main_process: bool = True,
-                 console: Any = None, pool: Sequence[ProbeExample] = ()) -> None:
+                 console: Any = None, pool: Sequence[ProbeExample] = (),
+                 max_length: int | None = None) -> None:
         if not probe:
             raise ValueError("NSLoRA needs probe examples (set probe_path, pass probe=..., or give "
                              "the trainer an eval_dataset with messages or question/answer rows)")
@@ -42,6 +45,8 @@ class NeurosymbolicLoop:
         install_log_redaction()
         self.tokenizer = tokenizer
         self.is_main = is_main_process
+        if max_length:  # rows longer than the trainer's max length are cut, with a warning each
+            probe, pool = fit_to_length(probe, tokenizer, max_length), fit_to_length(pool, tokenizer, max_length)
         self.examples = {e.id: e for e in probe[:config.probe_size]}
         self.pool = {e.id: e for e in pool}  # rows prompts-as-data may train on (never probed)
         overlap = sorted(set(self.examples) & set(self.pool))
@@ -61,6 +66,8 @@ class NeurosymbolicLoop:
         self.faults: dict[str, int] = {}
         self.decision_counts = {"numerical": 0, "symbolic": 0, "accepted": 0, "rejected": 0}
         self.last_check_step = -1
+        self._collator_state: dict[str, Any] = {}  # restored from a checkpoint, for the collator
+        self.trained_batches: int | None = None  # set by the adapter after each optimizer step
         self._model: Any = None
         self._console = console
         self.started = time.time()
@@ -112,6 +119,8 @@ class NeurosymbolicLoop:
                                        max_length=max_length, reply_ok=reply_ok)
         if self.augmented:
             self.collator.add_augmented(self.augmented, self.config.augment_max_examples)
+        if self._collator_state:  # a resumed run mixes batches exactly as the uninterrupted one
+            self.collator.load_state(self._collator_state)
         return self.collator
 
     def start(self, model: Any, *, resumed_step: int | None = None) -> None:
@@ -120,6 +129,7 @@ class NeurosymbolicLoop:
         self._model = model
         if not self.is_main:
             return
+        self.artifacts.lock()
         if resumed_step is None:
             for name in ("decisions.jsonl", "probe_reports.jsonl"):  # a fresh run starts fresh logs
                 self.artifacts.path(name).unlink(missing_ok=True)
@@ -146,6 +156,8 @@ class NeurosymbolicLoop:
 
         from .artifacts import load_artifacts
 
+        if self.is_main:
+            self.artifacts.lock()
         arts = load_artifacts(checkpoint_artifacts)
         st = arts.state
         self.prompt_state.load_state({"initial": arts.initial_system_prompt, "current": arts.system_prompt,
@@ -156,8 +168,10 @@ class NeurosymbolicLoop:
         self.last_check_step = int(st.get("last_check_step", -1))
         self.augmented = list(arts.augmented_rows)
         self.pm.hook.nslora_load_state(state=dict(st), run=self.view)
+        self._collator_state = dict(st.get("collator_state", {}))
         if self.collator is not None:
             self.collator.replace_augmented(self.augmented)
+            self.collator.load_state(self._collator_state)
         if self.is_main and arts.root.resolve() != self.artifacts.root.resolve():
             for name in ("decisions.jsonl", "probe_reports.jsonl", "prompt_history.jsonl",
                          "prompt.json", "augmented.jsonl", "state.json"):
@@ -294,14 +308,10 @@ class NeurosymbolicLoop:
         """Clean a candidate; return (prompt, None) or (None, why it cannot be used)."""
         if not isinstance(text, str) or not text.strip():
             return None, "empty candidate"
-        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or []) | set(ROLE_MARKERS)
-        cleaned = text
-        for marker in sorted(specials, key=len, reverse=True):
-            if marker and marker in cleaned:
-                cleaned = cleaned.replace(marker, " ")
-        cleaned = "\n".join(line.rstrip() for line in cleaned.strip().splitlines()).strip()
-        if not cleaned:
-            return None, "candidate consisted of template tokens only"
+        found = control_tokens(text, self.tokenizer)
+        if found:  # the same filter every editor's candidates meet (chat.control_tokens)
+            return None, f"candidate contains chat-template tokens ({', '.join(found[:3])})"
+        cleaned = "\n".join(line.rstrip() for line in text.strip().splitlines()).strip()
         if len(cleaned) > self.config.max_prompt_chars:
             return None, f"candidate longer than max_prompt_chars={self.config.max_prompt_chars}"
         if redact(cleaned) != cleaned:
@@ -385,7 +395,8 @@ class NeurosymbolicLoop:
         return {**self.plugin_state(), "monitor": self.monitor.state(),
                 "decision_counts": self.decision_counts, "faults": self.faults,
                 "last_check_step": self.last_check_step, "usage": self.usage(),
-                "collator": dict(self.collator.stats) if self.collator else {}}
+                "collator": dict(self.collator.stats) if self.collator else {},
+                "collator_state": self.collator.state(self.trained_batches) if self.collator else {}}
 
     def save(self) -> None:
         if not self.is_main:
@@ -423,6 +434,7 @@ class NeurosymbolicLoop:
         self.record("end", step, {"summary": summary})
         self.artifacts.write_json("summary.json", summary)
         self.save()
+        self.artifacts.unlock()
         return summary
 
 

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..chat import chat_messages
+from ..chat import chat_messages, control_tokens
 from ..config import NSLoRAConfig
 from ..hookspecs import hookimpl
 from ..run import RunView
@@ -43,7 +43,6 @@ from .cache import ReplyCache
 from .constraint_editor import constraint_statements
 from .engine import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
 from .textgrad_env import import_textgrad
-from ..util import GENERIC_MARKER, ROLE_MARKERS
 
 log = logging.getLogger("nslora")
 
@@ -81,14 +80,6 @@ def parse_tagged(text: str) -> str | None:
         return None
     value = m.group(1).strip()
     return value or None
-
-
-def control_tokens(text: str, tokenizer: Any = None) -> list[str]:
-    """Chat-template control tokens found in `text` (the tokenizer's special tokens included)."""
-    specials = set(ROLE_MARKERS) | set(getattr(tokenizer, "all_special_tokens", None) or [])
-    found = {m for m in specials if m and m in text}
-    found.update(GENERIC_MARKER.findall(text))
-    return sorted(found)
 
 
 def show_whole(variable: Any) -> Any:

@@ -1,0 +1,161 @@
+"""Nothing lost, nothing leaked (issue 15): special tokens, one run per folder, bad probe rows,
+torn state, exact resume with prompts-as-data. Tiny real models through the real `SFTTrainer`
+and the real SmolLM2 tokenizer; secrets and config edges are in test_secrets / test_config_edges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nslora_plugin import NSLoRAConfig
+from nslora_plugin.data import load_probe_examples, make_word_problems
+from nslora_plugin.integrations.trl import attach
+
+from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
+
+ROWS = make_word_problems(48, seed=21)
+
+
+def config(**extra):
+    settings = dict(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
+                    probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
+                    format_instruction=FORMAT_INSTRUCTION, style_share_threshold=0.0,
+                    gate_tie_break="accept")
+    return NSLoRAConfig(**{**settings, **extra})
+
+
+# ------------------------------------------------------------------ 3. special and added tokens
+@pytest.mark.parametrize("token", ["<filename>", "<jupyter_code>", "<|im_start|>", "<|custom_x|>", "[INST]"])
+def test_one_filter_rejects_every_special_and_added_token(tmp_path, default_model_dir, token):
+    from nslora_plugin.editor.textgrad_editor import candidate_problem
+    from nslora_plugin.loop import NeurosymbolicLoop
+
+    tok = load_tokenizer(default_model_dir)
+    loop = NeurosymbolicLoop(config(), tok, load_probe_examples(ROWS[:4]), output_dir=tmp_path)
+    text = f"Answer briefly. {token} Then stop."
+    prompt, problem = loop.sanitize(text)
+    assert prompt is None and token in problem
+    assert token in str(candidate_problem(text, loop.config, tok))  # the TextGrad editor agrees
+    assert loop.sanitize("Answer briefly, in <b>bold</b> if you like.")[1] is None
+
+
+# ------------------------------------------------------------------ 4. one run per folder
+def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, default_model_dir):
+    from nslora_plugin.artifacts import RunFolderInUse
+    from nslora_plugin.loop import NeurosymbolicLoop
+
+    tok = load_tokenizer(default_model_dir)
+    first = NeurosymbolicLoop(config(), tok, load_probe_examples(ROWS[32:36]), output_dir=tmp_path / "a")
+    first.artifacts.lock()
+    second = NeurosymbolicLoop(config(), tok, load_probe_examples(ROWS[32:36]), output_dir=tmp_path / "a")
+    with pytest.raises(RunFolderInUse, match="another run is writing to .* own output_dir"):
+        second.start(None)
+    assert not (tmp_path / "a" / "decisions.jsonl").exists()  # it wrote nothing
+    first.artifacts.unlock()
+    second.artifacts.lock()  # free again once the first run is done
+    second.artifacts.unlock()
+
+
+def test_a_killed_runs_lock_is_not_stale(tmp_path):
+    from nslora_plugin.artifacts import ArtifactStore
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from nslora_plugin.artifacts import ArtifactStore; "
+        f"s = ArtifactStore({str(tmp_path)!r}); s.lock(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        store = ArtifactStore(tmp_path)
+        with pytest.raises(RuntimeError, match="another run"):
+            store.lock()
+        holder.kill()
+        holder.wait(timeout=10)
+        time.sleep(0.1)
+        store.lock()  # the OS released the killed process's lock: nothing to clean up by hand
+        store.unlock()
+    finally:
+        holder.kill()
+
+
+# ------------------------------------------------------------------ 5. bad probe rows
+@pytest.mark.parametrize("content,message", [
+    ('{"question": "q", "answer": null}\n', "row 0: 'answer' is null"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}\n',
+     "row 0: a 'user' message has no text 'content'"),
+    ('{"messages": "hello"}\n', "row 0: 'messages' must be a list"),
+    ('[{"question": "q", "answer": "a"}]\n', "holds a JSON array; NSLoRA reads JSONL"),
+    ('{"question": "q", "answer": "a"}\n"just a string"\n', ":2 is a JSON str, not an object"),
+    ("", "has no rows"),
+])
+def test_bad_probe_rows_name_the_file_and_row(tmp_path, content, message):
+    path = tmp_path / "probe.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="probe.jsonl") as err:
+        load_probe_examples(path)
+    assert message in str(err.value)
+
+
+def test_non_utf8_probe_file_names_the_file(tmp_path):
+    path = tmp_path / "probe.jsonl"
+    path.write_bytes('{"question": "caf\xe9", "answer": "a"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="probe.jsonl is not UTF-8"):
+        load_probe_examples(path)
+
+
+def test_an_oversized_probe_row_is_cut_with_a_warning_naming_it(tmp_path, default_model_dir, caplog):
+    tok = load_tokenizer(default_model_dir)
+    huge = {"id": "huge", "question": "What is 2+2? " + "very " * 20000, "answer": "Answer: 4"}
+    trainer = sft_trainer(tok, tmp_path / "out", ROWS[:16], max_steps=2, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="nslora"):
+        callback = attach(trainer, config(), probe=[huge, *ROWS[32:35]])
+        trainer.train()
+    example = callback.loop.examples["huge"]
+    assert len(tok(example.question + example.reference)["input_ids"]) <= 70
+    assert any("probe row huge has" in r.getMessage() and "max_length=64" in r.getMessage()
+               for r in caplog.records)
+
+
+# ------------------------------------------------------------------ 6. torn state, exact resume
+def test_a_torn_checkpoint_state_names_the_file(tmp_path):
+    from nslora_plugin.artifacts import ArtifactsUnreadable, load_artifacts
+
+    folder = tmp_path / "checkpoint-4" / "nslora"
+    folder.mkdir(parents=True)
+    (folder / "prompt.json").write_text('{"system_prompt": "x", "version": 0}')
+    (folder / "state.json").write_text('{"router": {"symbolic_rou')
+    with pytest.raises(ArtifactsUnreadable, match="state.json' is not readable JSON.*earlier checkpoint"):
+        load_artifacts(folder)
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_resume_with_prompts_as_data_is_bit_identical(tmp_path, default_model_dir):
+    """augment_share > 0: the collator's mixing RNG and counters travel in the checkpoint."""
+    import shutil
+
+    tok = load_tokenizer(default_model_dir)
+    cfg = config(augment_share=0.5, check_every=2)
+    full = sft_trainer(tok, tmp_path / "full", ROWS[:32], max_steps=8, save_steps=4)
+    attach(full, cfg, probe=ROWS[32:36])
+    full.train()
+    reference = _losses(full)
+    state = json.loads((tmp_path / "full" / "checkpoint-4" / "nslora" / "state.json").read_text())
+    assert state["collator"]["augmented"] > 0  # augmented rows were mixed in before the checkpoint
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed = sft_trainer(tok, tmp_path / "resumed", ROWS[:32], max_steps=8, save_steps=4)
+    callback = attach(resumed, cfg, probe=ROWS[32:36])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-4"))
+    after = _losses(resumed)  # steps 1-4 come from the checkpoint's trainer state
+    assert sorted(after) == sorted(reference) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [after[s] for s in (5, 6, 7, 8)] == [reference[s] for s in (5, 6, 7, 8)]
+    assert callback.loop.collator.stats["augmented"] == \
+        json.loads((tmp_path / "full" / "nslora" / "state.json").read_text())["collator"]["augmented"]
