@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .util import read_jsonl_tolerant, redact
 
@@ -54,6 +54,22 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def append_line(path: Path, line: bytes) -> None:
+    """Append `line` whole or not at all: a write the disk cut short is truncated back off."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
 
@@ -63,12 +79,38 @@ class RunFolderInUse(RuntimeError):
 
 
 class ArtifactStore:
+    """The run folder. A failed write (a full disk, a lost mount) never raises into training: it
+    is reported through `on_error(file, exc)`, leaves no torn file behind (whole files are
+    written to a temporary and renamed; a log line that did not fit is cut back off), and is
+    retried — log lines are kept in order until they fit, whole files are rewritten at the next
+    save."""
+
     LOCK = ".run.lock"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, on_error: Callable[[str, BaseException], None] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock: Any = None
+        self.on_error = on_error or (lambda name, exc: None)
+        self._pending: dict[str, list[bytes]] = {}  # log lines not written yet, per file, in order
+
+    def _guard(self, name: str, write: Callable[[], None]) -> bool:
+        try:
+            write()
+            return True
+        except OSError as exc:
+            self.on_error(name, exc)
+            return False
+
+    @property
+    def pending_lines(self) -> int:
+        return sum(len(v) for v in self._pending.values())
+
+    def copy_pending_into(self, other: "ArtifactStore") -> None:
+        """Append the log lines this folder could not take to `other`'s copies (a checkpoint)."""
+        for name, lines in self._pending.items():
+            for line in lines:
+                other._guard(name, lambda: append_line(other.path(name), line))
 
     def lock(self) -> None:
         """Hold the folder for this run. A second run on it stops here, with the reason; the lock
@@ -94,42 +136,66 @@ class ArtifactStore:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def write_json(self, name: str, data: Any) -> None:
-        _atomic_write(self.path(name), json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    def write_json(self, name: str, data: Any) -> bool:
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+        return self._guard(name, lambda: _atomic_write(self.path(name), text))
 
-    def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.path(name), "a", encoding="utf-8") as fh:
-            fh.write(redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n")
-            fh.flush()
+    def append_jsonl(self, name: str, row: dict[str, Any]) -> bool:
+        line = (redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n").encode("utf-8")
+        self._pending.setdefault(name, []).append(line)
+        return self.flush(name)
 
-    def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
-        _atomic_write(self.path(name), _jsonl(rows))
+    def flush(self, name: str | None = None) -> bool:
+        """Write the log lines still pending (all files when `name` is None); False if some
+        still do not fit."""
+        ok = True
+        for key in [name] if name is not None else list(self._pending):
+            lines = self._pending.get(key) or []
+            while lines:
+                if not self._guard(key, lambda: append_line(self.path(key), lines[0])):
+                    ok = False
+                    break
+                lines.pop(0)
+        return ok
+
+    def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> bool:
+        text = _jsonl(rows)
+        return self._guard(name, lambda: _atomic_write(self.path(name), text))
 
     def write_prompt(self, current: str | None, version: int, initial: str | None,
-                     history: list[dict[str, Any]]) -> None:
-        self.write_json("prompt.json", {"system_prompt": current, "version": version,
-                                        "initial_system_prompt": initial})
-        self.write_jsonl("prompt_history.jsonl", history)
+                     history: list[dict[str, Any]]) -> bool:
+        ok = self.write_json("prompt.json", {"system_prompt": current, "version": version,
+                                             "initial_system_prompt": initial})
+        return self.write_jsonl("prompt_history.jsonl", history) and ok
 
-    def write_augmented(self, rows: list[dict[str, Any]]) -> None:
-        self.write_jsonl("augmented.jsonl", rows)
+    def write_augmented(self, rows: list[dict[str, Any]]) -> bool:
+        ok = self.write_jsonl("augmented.jsonl", rows)
         if rows:
-            from datasets import Dataset
+            def save_dataset() -> None:
+                from datasets import Dataset
 
-            target = self.path("augmented")
-            tmp = self.path(".augmented.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            Dataset.from_list(rows).save_to_disk(str(tmp))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+                target = self.path("augmented")
+                tmp = self.path(".augmented.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    Dataset.from_list(rows).save_to_disk(str(tmp))
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+
+            ok = self._guard("augmented", save_dataset) and ok
+        return ok
 
     def copy_into(self, folder: str | Path) -> Path:
         """Copy the artifacts into `folder/nslora` (a checkpoint or the final adapter folder)."""
         dest = Path(folder) / ARTIFACT_DIR
         if dest.resolve() == self.root.resolve():
             return dest
-        shutil.copytree(self.root, dest, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(*_NOT_COPIED, ".*.tmp", ".*"))
+        self._guard(f"{dest}", lambda: shutil.copytree(
+            self.root, dest, dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(*_NOT_COPIED, ".*.tmp", ".*")))
         return dest
 
 

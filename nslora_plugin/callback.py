@@ -150,10 +150,12 @@ class NSLoRACallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.loop is None or not state.is_world_process_zero:
             return
-        self.loop.save()
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            self.loop.artifacts.copy_into(checkpoint)
+            dest = self.loop.artifacts.copy_into(checkpoint)
+            self.loop.save(into=dest)
+        else:
+            self.loop.save()
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.loop is None:

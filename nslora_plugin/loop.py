@@ -57,7 +57,7 @@ class NeurosymbolicLoop:
         self.monitor = SignalMonitor(config)
         self.evaluator = ProbeEvaluator(tokenizer, list(self.examples.values()), config, self.pm)
         self.prompt_state = PromptState(self._initial_prompt(config, tokenizer))
-        self.artifacts = ArtifactStore(output_dir)
+        self.artifacts = ArtifactStore(output_dir, on_error=self._disk_fault)
         self.collator: NSLoRACollator | None = None
         self.stash = Stash()
         self.view = RunView(self)
@@ -66,6 +66,7 @@ class NeurosymbolicLoop:
         self.faults: dict[str, int] = {}
         self.decision_counts = {"numerical": 0, "symbolic": 0, "accepted": 0, "rejected": 0}
         self.last_check_step = -1
+        self._disk_failing = False
         self._collator_state: dict[str, Any] = {}  # restored from a checkpoint, for the collator
         self.trained_batches: int | None = None  # set by the adapter after each optimizer step
         self._model: Any = None
@@ -398,13 +399,38 @@ class NeurosymbolicLoop:
                 "collator": dict(self.collator.stats) if self.collator else {},
                 "collator_state": self.collator.state(self.trained_batches) if self.collator else {}}
 
-    def save(self) -> None:
+    def save(self, into: str | Path | None = None) -> None:
+        """Write the prompt, its history and the state (and any log lines still pending); with
+        `into`, also straight into that folder's copy (a checkpoint on another disk gets the
+        current state even when the run folder cannot be written)."""
         if not self.is_main:
             return
         ps = self.prompt_state
-        self.artifacts.write_prompt(ps.current, ps.version, ps.initial,
-                                    [c.to_dict() for c in ps.history])
-        self.artifacts.write_json("state.json", self.state())
+        history = [c.to_dict() for c in ps.history]
+        state = self.state()
+        if into is not None and Path(into).resolve() == self.artifacts.root.resolve():
+            into = None
+        stores = [self.artifacts] + ([ArtifactStore(into, on_error=self._disk_fault)] if into else [])
+        for store in stores:
+            store.write_prompt(ps.current, ps.version, ps.initial, history)
+            store.write_json("state.json", state)
+        if len(stores) > 1:  # the checkpoint's logs get the lines the run folder could not take
+            self.artifacts.copy_pending_into(stores[1])
+        self.artifacts.flush()
+        if self._disk_failing and not self.artifacts.pending_lines:
+            self._disk_failing = False
+            log.warning("NSLoRA: the run folder %s can be written again; every pending record is "
+                        "in place", self.artifacts.root)
+
+    def _disk_fault(self, name: str, exc: BaseException) -> None:
+        """A write in the run folder failed: count it, say it once per kind, keep training (the
+        next save retries). Not a decision record: that would be one more write to the same disk."""
+        kind = f"disk:{type(exc).__name__}"
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        self._disk_failing = True
+        if self.faults[kind] == 1:
+            log.warning("NSLoRA could not write %s (%s); training goes on and NSLoRA writes it "
+                        "again at the next check or save", name, _short(exc))
 
     def finish(self, model: Any, step: int) -> dict[str, Any]:
         """Final probe under the final prompt, summary, and everything saved."""

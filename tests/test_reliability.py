@@ -15,6 +15,7 @@ import pytest
 
 from nslora_plugin import NSLoRAConfig
 from nslora_plugin.data import load_probe_examples, make_word_problems
+from nslora_plugin.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
@@ -159,3 +160,77 @@ def test_resume_with_prompts_as_data_is_bit_identical(tmp_path, default_model_di
     assert [after[s] for s in (5, 6, 7, 8)] == [reference[s] for s in (5, 6, 7, 8)]
     assert callback.loop.collator.stats["augmented"] == \
         json.loads((tmp_path / "full" / "nslora" / "state.json").read_text())["collator"]["augmented"]
+
+
+# ------------------------------------------------------------------ 2. a full disk
+class DiskFiller:
+    """At the route record of `fill_at`, fills the run folder's disk to the last byte; at the
+    route record of `free_at`, frees it again."""
+
+    def __init__(self, mount, fill_at: int, free_at: int) -> None:
+        self.mount, self.fill_at, self.free_at = mount, fill_at, free_at
+        self.filler = mount / "filler.bin"
+
+    @hookimpl
+    def nslora_on_decision(self, record, run) -> None:
+        if record.kind != "route":
+            return
+        if record.step == self.fill_at:
+            with open(self.filler, "wb") as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * 4096)
+                        fh.flush()
+                except OSError:
+                    pass
+        elif record.step == self.free_at:
+            self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    import os
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a small tmpfs, and mounting one needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"could not mount a small tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_under_the_artifacts_never_stops_training_or_loses_a_record(
+        tmp_path, default_model_dir, small_disk, caplog):
+    tok = load_tokenizer(default_model_dir)
+    filler = DiskFiller(small_disk, fill_at=2, free_at=6)
+    trainer = sft_trainer(tok, tmp_path / "run", ROWS[:32], max_steps=8, save_steps=4)
+    cfg = config(output_dir=str(small_disk / "nslora"), augment_share=0.5)
+    with caplog.at_level(logging.WARNING, logger="nslora"):
+        callback = attach(trainer, cfg, probe=ROWS[32:36], plugins=[filler])
+        trainer.train()
+    assert trainer.state.global_step == 8  # training never stopped
+    loop = callback.loop
+    assert any(k.startswith("disk:") for k in loop.faults)
+    warnings = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert len(warnings) == 1  # said once per kind
+    # the checkpoint written while the run folder was full carries the state of its step
+    ckpt = json.loads((tmp_path / "run" / "checkpoint-4" / "nslora" / "state.json").read_text())
+    assert ckpt["last_check_step"] == 4
+    ckpt_routes = [json.loads(x)["step"] for x in
+                   (tmp_path / "run" / "checkpoint-4" / "nslora" / "decisions.jsonl").open()
+                   if json.loads(x)["kind"] == "route"]
+    assert ckpt_routes == [2, 4]
+    # once space was back, every record reached the run folder, none torn, none twice
+    lines = (small_disk / "nslora" / "decisions.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]  # every line parses
+    assert [r["step"] for r in records if r["kind"] == "route"] == [2, 4, 6, 8]
+    assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "end"
+    prompt = json.loads((small_disk / "nslora" / "prompt.json").read_text())
+    assert prompt["system_prompt"] == loop.prompt_state.current
+    assert not list((small_disk / "nslora").glob(".*.tmp*")) and loop.artifacts.pending_lines == 0
