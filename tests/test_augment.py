@@ -6,6 +6,10 @@ from nslora_plugin import NSLoRAConfig
 from nslora_plugin.plugins import make_plugin_manager
 from nslora_plugin.types import ProbeExample, ProbeReport, ProbeResult
 
+from types import SimpleNamespace
+
+NO_POOL = SimpleNamespace(pool={})  # the part of the run view prompts-as-data reads: no pool here
+
 
 def res(eid, ok, completion=""):
     return ProbeResult(example_id=eid, completion=completion, rewards={"correctness": float(ok)},
@@ -24,7 +28,7 @@ def test_rows_come_from_failures_and_fixed_examples():
     before = ProbeReport(0, 0, [res("a", 0), res("b", 0), res("c", 0), res("d", 1)])
     after = ProbeReport(0, 1, [res("a", 1, "mine\nAnswer: 1"), res("b", 0), res("c", 0), res("d", 1)])
     rows = [r for part in pm.hook.nslora_augment_examples(
-        prompt="p", report=after, before=before, examples=examples, config=cfg, loop=None) for r in part or []]
+        prompt="p", report=after, before=before, examples=examples, config=cfg, run=NO_POOL) for r in part or []]
     got = sorted((r["example_id"], r["source"], r["messages"][1]["content"]) for r in rows)
     assert got == [("a", "reference", "work\nAnswer: 1"), ("a", "self", "mine\nAnswer: 1"),
                    ("b", "reference", "work\nAnswer: 2")]
@@ -48,7 +52,7 @@ def test_holdout_share_keeps_a_seeded_part_of_the_probe_out_of_training():
     before = ProbeReport(0, 0, [res(i, 0) for i in ids])
     after = ProbeReport(0, 1, [res(i, 1, f"mine {i}") for i in ids])
     rows = [r for part in pm.hook.nslora_augment_examples(
-        prompt="p", report=after, before=before, examples=examples, config=cfg, loop=None)
+        prompt="p", report=after, before=before, examples=examples, config=cfg, run=NO_POOL)
         for r in part or []]
     sources = {r["example_id"] for r in rows}
     assert sources == set(ids) - held  # every failure contributes, except the held-back ones

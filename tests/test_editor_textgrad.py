@@ -128,13 +128,16 @@ def test_cache_under_run_folder_keyed_on_what_changes_an_answer(tmp_path, tokeni
     first = len(server.requests)
     assert first == 10 and len(list((tmp_path / "run" / "editor_cache").rglob("*.json"))) == 10
 
-    # the same round again (same prompt, same replies): answered from the cache
+    # the same round again (same prompt, same replies): answered from the cache; each run ends
+    # before the next starts on the same folder (the folder's lock allows one run at a time)
+    loop.artifacts.unlock()
     loop2, model2 = round_loop(tokenizer, tmp_path / "run", editor_config(server), rows)
     loop2.check(1, model2)
     assert len(server.requests) == first and loop2.usage()["cached_calls"] == 10
     assert loop2.usage()["calls"] == 0
 
     # another temperature is another answer
+    loop2.artifacts.unlock()
     loop3, model3 = round_loop(tokenizer, tmp_path / "run", editor_config(server, editor_temperature=0.5), rows)
     loop3.check(1, model3)
     assert len(server.requests) == 2 * first

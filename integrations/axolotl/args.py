@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from nslora_plugin.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.util import parse_bool
 
 __all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
            "normalize_axolotl_cfg", "nslora_enabled"]
@@ -70,10 +71,10 @@ def _unknown(key: str, mapping_form: bool) -> NSLoRAConfigError:
 def _switch_value(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1"}:
-        return True
-    if isinstance(value, str) and value.strip().lower() in {"false", "no", "off", "0", ""}:
-        return False
+    if isinstance(value, str):
+        parsed = False if not value.strip() else parse_bool(value)
+        if parsed is not None:
+            return parsed
     raise NSLoRAConfigError(
         f"Invalid value {SWITCH}={value!r}: expected true, false, or a mapping of NSLoRA settings "
         f"(e.g. '{SWITCH}: {{probe_path: probe.jsonl, check_every: 20}}').")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.util import parse_bool
 
 __all__ = ["LlamaFactoryNSLoRAArgs", "read_config", "split_config", "prepare", "check_lf_settings",
            "NSLORA_CONFIG_KEY", "nslora_keys"]
@@ -35,7 +36,6 @@ __all__ = ["LlamaFactoryNSLoRAArgs", "read_config", "split_config", "prepare", "
 #: Key naming a separate NSLoRA YAML file (its settings are overridden by `nslora_*` keys).
 NSLORA_CONFIG_KEY = "nslora_config"
 
-_TRUE = {"1", "true", "yes", "on", "y"}
 
 
 def nslora_keys() -> list[tuple[str, str, str]]:
@@ -172,7 +172,7 @@ def _with_prefix(message: str) -> str:
 # ------------------------------------------------------------------------------------- checks
 def _truthy(value: Any) -> bool:
     if isinstance(value, str):
-        return value.strip().lower() in _TRUE
+        return parse_bool(value) is True
     return bool(value)
 
 

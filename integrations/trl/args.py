@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.util import parse_bool
 
 __all__ = ["NSLoRAArguments", "maybe_attach", "config_from_args", "PREFIX", "SWITCH",
            "check_trainer_args", "unknown_nslora_flags"]
@@ -89,10 +90,10 @@ class _NSLoRASwitch:
             self._inline = dict(switch)
             switch = self._inline.pop("enabled", self._inline.pop(SWITCH, True))
         if isinstance(switch, str):
-            low = switch.strip().lower()
-            if low not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+            parsed = parse_bool(switch)
+            if parsed is None:
                 raise NSLoRAConfigError(f"Invalid value nslora={switch!r}: expected true or false")
-            switch = low in {"true", "1", "yes", "on"}
+            switch = parsed
         self.nslora = bool(switch)
         if self.nslora:
             self.to_config()  # validate now: a bad value stops the script before the model loads
