@@ -13,22 +13,16 @@ import time
 
 import pytest
 
-from nslora_plugin import NSLoRAConfig
 from nslora_plugin.data import load_probe_examples, make_word_problems
 from nslora_plugin.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
+from tiny import edit_config, load_tokenizer, sft_trainer
 
 ROWS = make_word_problems(48, seed=21)
 
 
-def config(**extra):
-    settings = dict(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
-                    probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
-                    format_instruction=FORMAT_INSTRUCTION, style_share_threshold=0.0,
-                    gate_tie_break="accept")
-    return NSLoRAConfig(**{**settings, **extra})
+config = edit_config
 
 
 # ------------------------------------------------------------------ 3. special and added tokens

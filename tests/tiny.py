@@ -15,6 +15,18 @@ ANSWER_FORMAT = r"^Answer: (-?\d+)\s*$"
 FORMAT_INSTRUCTION = "End your reply with a final line 'Answer: <number>'."
 
 
+def edit_config(**extra: Any) -> Any:
+    """An NSLoRA config whose checks edit at once: the constraint editor, every failure counted as
+    a prompt's job (style_share_threshold=0), ties accepted; `extra` overrides any of it."""
+    from nslora_plugin import NSLoRAConfig
+
+    settings = dict(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
+                    probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
+                    format_instruction=FORMAT_INSTRUCTION, style_share_threshold=0.0,
+                    gate_tie_break="accept")
+    return NSLoRAConfig(**{**settings, **extra})
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
