@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from nslora_plugin import NSLoRAConfig
 from nslora_plugin.data import load_probe_examples, make_word_problems
 from nslora_plugin.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
@@ -228,3 +229,31 @@ def test_a_full_disk_under_the_artifacts_never_stops_training_or_loses_a_record(
     prompt = json.loads((small_disk / "nslora" / "prompt.json").read_text())
     assert prompt["system_prompt"] == loop.prompt_state.current
     assert not list((small_disk / "nslora").glob(".*.tmp*")) and loop.artifacts.pending_lines == 0
+
+
+# ------------------------------------------------------------------ 7. checked before the model loads
+def test_probe_file_and_editor_are_checked_before_the_model_is_loaded(tmp_path, caplog):
+    from nslora_plugin import NSLoRAConfigError
+    from nslora_plugin.integrations.trl.cli import _split, make_parser, run_sft
+    from nslora_plugin.preflight import preflight
+    from nslora_plugin.util import free_port
+
+    argv = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", "none",
+            "--output_dir", str(tmp_path / "out"), "--use_cpu", "--bf16", "false", "--nslora",
+            "--nslora_probe_path", str(tmp_path / "missing.jsonl")]
+    parsed = make_parser().parse_args_and_config(argv, fail_with_unknown_args=False)
+    with pytest.raises(NSLoRAConfigError, match="probe_path=.*missing.jsonl.*no such file"):
+        run_sft(*_split(parsed))  # not a model or dataset error: those would come later
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps(ROWS[0]) + "\n")
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    down = NSLoRAConfig(probe_path=str(probe), editor_base_url=dead, editor_model="m",
+                        editor_timeout=2, editor_retries=0)
+    with caplog.at_level(logging.WARNING, logger="nslora"):
+        problem = preflight(down)
+    assert problem and problem.startswith("editor endpoint unreachable")
+    assert any("will train numerically" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="editor endpoint unreachable.*on_editor_down"):
+        preflight(down.replace(on_editor_down="fail"))
+    assert preflight(down.replace(editor="constraint")) is None

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from nslora_plugin.config import NSLoRAConfigError
 
-from .args import NSLoRAArguments, maybe_attach, unknown_nslora_flags
+from .args import NSLoRAArguments, config_from_args, maybe_attach, unknown_nslora_flags
 
 __all__ = ["main", "make_parser", "run_sft", "split_launch_args"]
 
@@ -145,6 +145,11 @@ def worker(argv: Sequence[str]) -> int:
 def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any,
             nslora_args: Any) -> Any:
     """TRL's SFT script (`trl sft`) with NSLoRA attached when `--nslora` is on. Returns the trainer."""
+    config = config_from_args(nslora_args)
+    if config is not None:  # files and the editor are checked before the model is loaded
+        from nslora_plugin.preflight import preflight
+
+        preflight(config)
     from datasets import load_dataset
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
