@@ -68,6 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.log(logging.WARNING if note.startswith("WARNING") else logging.INFO, "NSLoRA: %s", note)
     if _should_launch_torchrun():
         return _launch_torchrun(args.config, args.overrides)
+    if prepared.nslora.enabled:  # the editor endpoint, before LLaMA-Factory loads the model
+        from nslora_plugin.preflight import preflight
+
+        preflight(prepared.nslora)
     from . import run_prepared
 
     run_prepared(prepared)
