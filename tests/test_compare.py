@@ -140,6 +140,8 @@ def test_verdict_pools_the_labels_of_every_arm():
     v = verdict(result)
     assert v["best_other_arm"] == "symbolic" and v["margin_points"] == pytest.approx(10.0)
     assert v["winner"] == "neurosymbolic" and not any("target" in k or k.endswith("_met") for k in v)
+    tie = verdict({"arms": {"fixed": arm(0.5, {}), "neurosymbolic": arm(0.5, {})}})
+    assert tie["winner"] is None and tie["tied"] == ["fixed", "neurosymbolic"]
     assert v["router_failures_all_arms"] == 14 and v["router_style_failures_all_arms"] == 4
     assert v["router_accuracy_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
 
@@ -193,7 +195,8 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
     # the symbolic round still ran because the format was broken and no prompt stated it yet
     assert ns["router"]["label_accuracy"] == 1.0
     assert ns["decisions"]["symbolic"] >= 1
-    assert result["verdict"]["winner"] in result["arms"] and "margin_points" in result["verdict"]
+    v = result["verdict"]
+    assert (v["winner"] in result["arms"] or set(v["tied"]) <= set(result["arms"])) and "margin_points" in v
 
 
 def test_fair_arms_seeds_and_splits(tiny_model_dir, tmp_path, capsys):

@@ -643,8 +643,10 @@ def verdict(result: dict[str, Any], per_seed: dict[str, dict[str, Any]] | None =
     out: dict[str, Any] = {}
     acc = {a: v["held_out"]["accuracy"] for a, v in arms.items()}
     if acc:
-        winner = max(acc, key=lambda a: (acc[a], a == "neurosymbolic"))
-        out.update(winner=winner, winner_accuracy=acc[winner])
+        top = max(acc.values())
+        best_arms = [a for a in acc if abs(acc[a] - top) < 1e-9]
+        out.update(winner=best_arms[0] if len(best_arms) == 1 else None, tied=best_arms
+                   if len(best_arms) > 1 else [], winner_accuracy=top)
     if "neurosymbolic" in arms and len(arms) > 1:
         others = {a: v for a, v in acc.items() if a != "neurosymbolic"}
         best = max(others, key=lambda a: others[a])
@@ -732,8 +734,11 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
     """The verdict in words: who wins, neurosymbolic's margin and interval, router accuracy."""
     v = result.get("verdict") or {}
     lines = []
-    if "winner" in v:
+    if v.get("winner"):
         lines.append(f"highest held-out accuracy: {v['winner']} ({v['winner_accuracy']:.3f})")
+    elif v.get("tied"):
+        lines.append(f"highest held-out accuracy: a tie between {', '.join(v['tied'])} "
+                     f"({v['winner_accuracy']:.3f})")
     if "margin_points" in v:
         interval = v.get("margin_interval95_points")
         lines.append(f"neurosymbolic vs the best other arm ({v['best_other_arm']}): "

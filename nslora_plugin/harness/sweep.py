@@ -94,7 +94,8 @@ def markdown(sweep: dict[str, Any]) -> str:
                          f"[{s['interval95'][0]:.3f}, {s['interval95'][1]:.3f}]")
         rows.append(cells)
     winners = ", ".join(f"{100 - 100 * p['style_share']:g}/{100 * p['style_share']:g}: "
-                        f"{(p['verdict'] or {}).get('winner')}" for p in sweep["points"])
+                        f"{(p['verdict'] or {}).get('winner') or ' = '.join((p['verdict'] or {}).get('tied') or [])}"
+                        for p in sweep["points"])
     return (markdown_table(columns, rows)
             + f"\nheld-out accuracy, mean ± sd over seeds [95 % bootstrap interval]; winner per mix: {winners}\n")
 
