@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from .artifacts import ARTIFACT_DIR
-from .config import NSLoRAConfig, NSLoRAConfigError
+from .config import NSLoRAConfig
 from .data import load_probe_examples
 from .loop import NeurosymbolicLoop
 from .monitor import trainable_grad_norm
@@ -37,11 +37,9 @@ class NSLoRACallback(TrainerCallback):
         self.config: NSLoRAConfig = config
         self.probe_source = probe if probe is not None else config.probe_path
         self.pool_source = pool if pool is not None else config.pool_path
-        for name, source in (("probe_path", self.probe_source), ("pool_path", self.pool_source)):
-            if isinstance(source, (str, Path)) and not Path(source).is_file():  # before training starts
-                raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={str(source)!r}: no such "
-                                        f"file (relative paths are read from {str(Path.cwd())!r})",
-                                        key=name)
+        from .preflight import check_data_files
+
+        check_data_files({"probe_path": self.probe_source, "pool_path": self.pool_source})
         self.tokenizer = tokenizer
         self.plugins = list(plugins)
         self.console = console

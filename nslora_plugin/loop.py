@@ -89,9 +89,7 @@ class NeurosymbolicLoop:
     def editor_availability(self) -> EditorAvailability:
         statuses = [s for s in self.pm.hook.nslora_editor_status(config=self.config, run=self.view)
                     if s is not None]
-        merged = EditorAvailability.merge(statuses, self.config)
-        return EditorAvailability(merged.available, merged.llm_ready, redact(merged.reason),
-                                  merged.budget_spent)
+        return EditorAvailability.merge(statuses, self.config)
 
     @property
     def editing_available(self) -> bool:

@@ -19,11 +19,7 @@ def preflight(config: NSLoRAConfig) -> str | None:
     """Raise `NSLoRAConfigError` for a missing probe / pool file; check the editor LLM and return
     why it cannot be used (None when it can, or when no LLM editor is configured). With
     `on_editor_down="fail"` an unusable editor raises `RuntimeError` here instead."""
-    for name in ("probe_path", "pool_path"):
-        path = getattr(config, name)
-        if path is not None and not Path(path).is_file():
-            raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={path!r}: no such file "
-                                    f"(relative paths are read from {str(Path.cwd())!r})", key=name)
+    check_data_files({"probe_path": config.probe_path, "pool_path": config.pool_path})
     if not config.enabled or config.editor != "textgrad":
         return None
     problem = editor_problem(config)
@@ -38,18 +34,22 @@ def preflight(config: NSLoRAConfig) -> str | None:
     return problem
 
 
-def editor_problem(config: NSLoRAConfig) -> str | None:
-    from .editor.engine import configuration_problem, make_client
+def check_data_files(sources: dict[str, object]) -> None:
+    """Raise `NSLoRAConfigError` naming the key for a probe / pool path that is not a file."""
+    for name, source in sources.items():
+        if isinstance(source, (str, Path)) and not Path(source).is_file():
+            raise NSLoRAConfigError(f"Invalid NSLoRA config value {name}={str(source)!r}: no such "
+                                    f"file (relative paths are read from {str(Path.cwd())!r})", key=name)
 
-    problem = configuration_problem(config)
-    if problem:
-        return problem
-    if config.editor_backend == "local":  # loading it is the check, and it is a model: not here
+
+def editor_problem(config: NSLoRAConfig) -> str | None:
+    """The TextGrad editor's own start-up check, except that a `local` editor model is only looked
+    for (loading it is the check, and it is a model: not before the student is loaded)."""
+    from .editor.engine import configuration_problem
+    from .editor.textgrad_editor import TextGradEditor
+
+    if config.editor_backend == "local" and not configuration_problem(config):
         return None if Path(str(config.editor_model)).is_dir() else \
             f"editor model folder {config.editor_model!r} does not exist"
-    client = make_client(config)
-    try:
-        client.health()
-    except Exception as exc:
-        return redact(client.redact(f"editor endpoint unreachable ({type(exc).__name__}: {exc})"))[:300]
-    return None
+    problem = TextGradEditor().startup_problem(config, None)
+    return redact(problem) if problem else None

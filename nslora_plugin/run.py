@@ -15,6 +15,7 @@ from typing import Any, Generic, Mapping, Protocol, Sequence, TypeVar
 
 from .config import NSLoRAConfig
 from .types import EditorStatus, ProbeExample, ProbeReport, ProbeResult
+from .util import redact
 
 T = TypeVar("T")
 
@@ -64,11 +65,11 @@ class EditorAvailability:
 
     @classmethod
     def merge(cls, statuses: Sequence[EditorStatus], config: NSLoRAConfig) -> "EditorAvailability":
-        spent = next((s.reason for s in statuses if s.budget_spent), "")
+        spent = redact(next((s.reason for s in statuses if s.budget_spent), ""))
         llm_ready = any(s.ready and s.uses_llm for s in statuses)
         if spent:  # the run's editor budget stops every symbolic round, whoever would edit
             return cls(False, llm_ready, f"editor budget spent: {spent}", spent)
-        down = next((s.reason for s in statuses if not s.ready and s.reason), "")
+        down = redact(next((s.reason for s in statuses if not s.ready and s.reason), ""))
         if any(s.ready for s in statuses):
             return cls(True, llm_ready, down)  # an editor stands in; `reason` says who is down
         return cls(False, False, down or f"editor={config.editor!r}")
