@@ -177,6 +177,12 @@ class NSLoRAConfig:
     editor_retries: int = _opt(
         1, "editor backend", "Retries of a call on HTTP 5xx / 429 or a refused connection.",
         check="non_negative")
+    editor_structured_output: Literal["auto", "off"] = _opt(
+        "auto", "editor backend", "How the TextGrad update asks for the new prompt: 'auto' sends a "
+        "JSON-schema response_format to openai/litellm endpoints (dropped for the run if the "
+        "server refuses it; ignored by servers that do not implement it, e.g. transformers serve) "
+        "and, with editor_backend='local', starts the reply with the opening tag; 'off': "
+        "TextGrad's plain tagged request. Replies are parsed leniently either way.")
     editor_cache: bool = _opt(
         True, "editor backend", "Keep editor replies under <artifacts>/editor_cache, keyed on "
         "backend, endpoint, model, messages, temperature and max_tokens.")

@@ -17,6 +17,11 @@ vLLM or Ollama. Tests switch its behaviour between rounds with ``server.mode = .
     inject    optimizer replies with chat-template role tokens inside the new prompt
     leak      like ok, but every reply also contains the Authorization header value
 
+``response_format`` says what the server does with a request's ``response_format`` (it stands in
+for servers that implement JSON-schema output, such as vLLM, which cannot run here): "ignore"
+(like ``transformers serve``), "honour" (an optimizer reply becomes ``{"improved_variable": ...}``
+whatever ``mode`` says about tags) or "refuse" (HTTP 400, as servers without the feature do).
+
 Other knobs: ``latency`` (seconds added to every chat call), ``jitter`` (up to that many more
 seconds, at random, so concurrent calls finish in a random order), ``usage`` (False: no usage field),
 ``die_after`` (after that many chat calls the server drops the connection and shuts down for
@@ -62,6 +67,7 @@ class FaultServer:
         self.die_after: int | None = None
         self.overlong_chars = 60_000
         self.improved = DEFAULT_IMPROVED
+        self.response_format = "ignore"
         self.requests: list[dict[str, Any]] = []
         self.model_requests = 0
         self.inflight = 0
@@ -106,6 +112,7 @@ class FaultServer:
         """Back to a well-behaved server with no recorded requests (then apply `settings`)."""
         with self._lock:
             self.mode, self.latency, self.jitter, self.usage, self.die_after = "ok", 0.0, 0.0, True, None
+            self.response_format = "ignore"
             self.requests.clear()
             self.max_inflight = 0
         for key, value in settings.items():
@@ -225,7 +232,16 @@ class _Handler(BaseHTTPRequestHandler):
             if mode == "badjson":
                 self._send(200, {"id": "x", "object": "chat.completion", "oops": True})
                 return
+            schema = body.get("response_format")
+            if schema is not None and srv.response_format == "refuse":
+                self._send(400, {"error": {"message": "response_format is not supported"}})
+                return
             text = "" if mode == "empty" else srv.reply_text(body, auth)
+            if schema is not None and srv.response_format == "honour" and mode != "empty" and (
+                    OPTIMIZER_MARK in _system_text(body) or OPTIMIZER_MARK in _user_text(body)):
+                field = schema["json_schema"]["schema"]["required"][0]
+                value = re.sub(r"</?IMPROVED_VARIABLE>", "", text) if OPTIMIZER_MARK in text else srv.improved
+                text = json.dumps({field: value})
             payload: dict[str, Any] = {
                 "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model", srv.model),

@@ -113,3 +113,18 @@ def test_gate_verdicts() -> None:
                         cfg.replace(gate_tie_break="accept"))[0] is True
     margin = cfg.replace(acceptance_margin=0.6)
     assert gate_verdict(_report([0, 1], 1.0), _report([1, 1], 1.0), margin)[0] is False
+
+
+@pytest.mark.slow
+def test_transformers_serve_accepts_and_ignores_response_format(editor_server):
+    """What the embedded editor does with structured output: the call succeeds (no refusal, so
+    no fallback), and the reply is the model's free text — only the lenient parse helps it."""
+    from nslora_plugin.editor.engine import OpenAICompatibleClient
+
+    client = OpenAICompatibleClient(NSLoRAConfig(editor_base_url=editor_server.base_url,
+                                                 editor_model=editor_server.model,
+                                                 editor_max_tokens=8, editor_cache=False))
+    reply = client.chat("Say hello.", structured=True)
+    assert reply.strip() and client.structured_refused == ""
+    assert client.structured_request() == "json_schema"
+    assert client.usage.calls == 1 and client.usage.failed_calls == 0

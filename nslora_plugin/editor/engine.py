@@ -37,6 +37,7 @@ from ..util import redact, url_password
 from .budget import (Budget, EditorBadReply, EditorBudgetSpent, EditorEmptyReply, EditorError,
                      EditorHTTPError, EditorTimeout, EditorUnreachable, Usage, estimate_tokens)
 from .cache import ReplyCache, cache_key
+from .structured import RESPONSE_FORMAT, TAGS, as_tagged
 
 __all__ = ["EditorClient", "OpenAICompatibleClient", "LiteLLMClient", "LocalModelClient",
            "make_client", "make_engine", "make_lookup_engine", "Usage", "estimate_tokens",
@@ -80,6 +81,8 @@ class EditorClient:
         self.budget = budget
         self.cache = cache
         self.reply_cap = max(4000, 8 * self.max_tokens)  # no real reply of max_tokens is longer
+        self.structured_output = config.editor_structured_output != "off"
+        self.structured_refused = ""  # why the endpoint gets no response_format any more
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the SDK client (it holds the key)
@@ -109,20 +112,36 @@ class EditorClient:
     def _messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
         return chat_messages(system_prompt or None, prompt)
 
-    def _cache_key(self, messages: list[dict[str, str]]) -> str:
+    def _cache_key(self, messages: list[dict[str, str]], structured: bool = False) -> str:
+        fields: dict[str, Any] = {}
+        if structured and self.structured_request() != "none":  # only then, so replies cached
+            fields["structured"] = self.structured_request()  # before structured output stay valid
         return cache_key(backend=self.backend, base_url=self.base_url or "", model=self.model,
-                         messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+                         messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                         **fields)
 
-    def forget(self, prompt: str, system_prompt: str | None = None) -> None:
+    def forget(self, prompt: str, system_prompt: str | None = None, structured: bool = False) -> None:
         """Drop the cached reply to this request (it turned out unusable)."""
         if self.cache is not None:
-            self.cache.forget(self._cache_key(self._messages(prompt, system_prompt)))
+            self.cache.forget(self._cache_key(self._messages(prompt, system_prompt), structured))
 
-    def chat(self, prompt: str, system_prompt: str | None = None) -> str:
+    # ---------------------------------------------------------------- structured output
+    def structured_request(self) -> str:
+        """What a structured call adds to the request here: "json_schema" (a `response_format`),
+        "prefix" (the reply starts with the opening tag) or "none" (see `structured.py`)."""
+        if not self.structured_output or self.structured_refused:
+            return "none"
+        return "json_schema"
+
+    def chat(self, prompt: str, system_prompt: str | None = None, *, structured: bool = False) -> str:
+        """One reply. `structured`: this is a TextGrad update call — ask for the candidate in a
+        form the endpoint can guarantee (`structured_request`)."""
         messages = self._messages(prompt, system_prompt)
+        how = self.structured_request() if structured else "none"
+        structured = how != "none"
         key = None
         if self.cache is not None:
-            key = self._cache_key(messages)
+            key = self._cache_key(messages, structured)
             hit = self.cache.get(key)
             if hit is not None:
                 with self._lock:
@@ -134,7 +153,14 @@ class EditorClient:
             retry=tenacity.retry_if_exception(self._retryable),
             wait=tenacity.wait_incrementing(start=0.5, increment=0.5, max=2.0),
             before_sleep=self._count_retry, reraise=True)
-        text = retrying(self._attempt, messages, estimate)
+        try:
+            text = retrying(self._attempt, messages, estimate, how)
+        except EditorHTTPError as exc:
+            if how != "json_schema" or exc.status not in (400, 422):
+                raise
+            with self._lock:  # the server refuses response_format: plain calls from now on
+                self.structured_refused = f"HTTP {exc.status}"
+            return self.chat(prompt, system_prompt)
         text = self.redact(text or "")
         if len(text) > self.reply_cap:
             text = text[:self.reply_cap]
@@ -144,14 +170,15 @@ class EditorClient:
             self.cache.put(key, text, {"model": self.model, "time": time.time()})
         return text
 
-    def _attempt(self, messages: list[dict[str, str]], estimate: int) -> str:
+    def _attempt(self, messages: list[dict[str, str]], estimate: int, how: str = "none") -> str:
         """One call within the budget: reserve, call, settle; a fault settles and is raised."""
         reserved = self.budget.reserve(estimate) if self.budget else 0
         timeout, cut_by = self.budget.call_timeout(self.timeout) if self.budget else (self.timeout, None)
         t0 = time.monotonic()
         try:
             try:
-                text, usage = self._complete(messages, timeout=timeout, max_tokens=self.max_tokens)
+                text, usage = self._complete(messages, timeout=timeout, max_tokens=self.max_tokens,
+                                             structured=how)
             except EditorError:
                 raise
             except Exception as other:  # a backend bug must still settle the budget
@@ -195,8 +222,8 @@ class EditorClient:
             self.usage.completion_tokens += usage[1]
             return usage[0] + usage[1]
 
-    def _complete(self, messages: list[dict[str, str]], *, timeout: float,
-                  max_tokens: int) -> tuple[str, tuple[int, int] | None]:
+    def _complete(self, messages: list[dict[str, str]], *, timeout: float, max_tokens: int,
+                  structured: str = "none") -> tuple[str, tuple[int, int] | None]:
         raise NotImplementedError
 
 
@@ -236,12 +263,13 @@ class OpenAICompatibleClient(EditorClient):
         self._complete([{"role": "user", "content": "ping"}], timeout=min(self.timeout, 30.0),
                        max_tokens=1)
 
-    def _complete(self, messages: list[dict[str, str]], *, timeout: float,
-                  max_tokens: int) -> tuple[str, tuple[int, int] | None]:
+    def _complete(self, messages: list[dict[str, str]], *, timeout: float, max_tokens: int,
+                  structured: str = "none") -> tuple[str, tuple[int, int] | None]:
+        extra: dict[str, Any] = {"response_format": RESPONSE_FORMAT} if structured == "json_schema" else {}
         try:
             resp = self._client.with_options(timeout=timeout).chat.completions.create(
                 model=self.model, messages=messages, temperature=self.temperature,  # type: ignore[arg-type]
-                max_tokens=max_tokens)
+                max_tokens=max_tokens, **extra)
         except Exception as exc:
             raise self._translate(exc, timeout) from None
         choices = getattr(resp, "choices", None)
@@ -308,9 +336,9 @@ class LiteLLMClient(EditorClient):
             raise ValueError("editor_model is not set (a LiteLLM model string such as 'ollama/llama3')")
         self._litellm = import_litellm()
 
-    def _complete(self, messages: list[dict[str, str]], *, timeout: float,
-                  max_tokens: int) -> tuple[str, tuple[int, int] | None]:
-        kwargs: dict[str, Any] = {}
+    def _complete(self, messages: list[dict[str, str]], *, timeout: float, max_tokens: int,
+                  structured: str = "none") -> tuple[str, tuple[int, int] | None]:
+        kwargs: dict[str, Any] = {"response_format": RESPONSE_FORMAT} if structured == "json_schema" else {}
         if self.base_url:
             kwargs["api_base"] = self.base_url
         # the named variable's key; a local server behind api_base may need none (the SDK wants
@@ -403,8 +431,11 @@ class LocalModelClient(EditorClient):
         with self._gen_lock:
             self._load()
 
-    def _complete(self, messages: list[dict[str, str]], *, timeout: float,
-                  max_tokens: int) -> tuple[str, tuple[int, int] | None]:
+    def structured_request(self) -> str:
+        return "prefix" if self.structured_output else "none"
+
+    def _complete(self, messages: list[dict[str, str]], *, timeout: float, max_tokens: int,
+                  structured: str = "none") -> tuple[str, tuple[int, int] | None]:
         import torch
 
         with self._gen_lock:
@@ -414,7 +445,8 @@ class LocalModelClient(EditorClient):
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception:  # a tokenizer without a chat template
                 text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-            enc = tok(text, return_tensors="pt", add_special_tokens=False)
+            prefix = TAGS[0] if structured == "prefix" else ""  # the reply can only continue it
+            enc = tok(text + prefix, return_tensors="pt", add_special_tokens=False)
             sample = self.temperature > 0
             kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": sample,
                                       "pad_token_id": tok.pad_token_id, "max_time": timeout}
@@ -427,7 +459,7 @@ class LocalModelClient(EditorClient):
                 raise self._error(EditorBadReply, f"{self.where} failed to generate "
                                   f"({type(exc).__name__}: {_one_line(str(exc), 120)})") from None
             new = out[0, enc["input_ids"].shape[1]:]
-            reply = tok.decode(new, skip_special_tokens=True)
+            reply = prefix + tok.decode(new, skip_special_tokens=True)
             return reply.strip(), (int(enc["input_ids"].shape[1]), int(new.shape[0]))
 
 
@@ -462,10 +494,12 @@ def _textgrad_base() -> type:
     return import_textgrad().engine.EngineLM
 
 
-def make_engine(client: EditorClient) -> Any:
+def make_engine(client: EditorClient, update: bool = False) -> Any:
     """Wrap the client as a TextGrad `EngineLM` (generate + __call__, as TextGrad requires).
 
-    `last_response` and `sent` are per engine object: make one engine per thread to read them."""
+    `update`: the engine of a TGD step — its calls are structured (`client.structured_request`)
+    and its replies parsed leniently and handed back in the exact tags (`structured.py`).
+    `last_response`, `parsed_as` and `sent` are per engine object: make one engine per thread."""
     base = _textgrad_base()
 
     class EditorEngine(base):  # type: ignore[misc, valid-type]
@@ -473,14 +507,19 @@ def make_engine(client: EditorClient) -> Any:
             self.model_string = client.model
             self.client = client
             self.last_response: str | None = None
-            self.sent: list[tuple[str, str | None]] = []  # (prompt, system prompt) of each call
+            self.parsed_as = "none"  # how the last update reply's candidate was found
+            # (prompt, system prompt, structured) of each call, to forget unusable replies
+            self.sent: list[tuple[str, str | None, bool]] = []
 
         def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
             if not isinstance(prompt, str):
                 prompt = "\n".join(p for p in prompt if isinstance(p, str))
-            self.sent.append((prompt, system_prompt))
-            self.last_response = client.chat(prompt, system_prompt=system_prompt)
-            return self.last_response
+            self.sent.append((prompt, system_prompt, update))
+            reply = client.chat(prompt, system_prompt=system_prompt, structured=update)
+            if update:
+                reply, self.parsed_as = as_tagged(reply)
+            self.last_response = reply
+            return reply
 
         def __call__(self, prompt: Any, **kwargs: Any) -> str:
             return self.generate(prompt, **kwargs)

@@ -42,12 +42,12 @@ from .budget import (TRANSPORT_FAULTS, Budget, EditorBudgetSpent, EditorError, E
 from .cache import ReplyCache
 from .constraint_editor import constraint_statements
 from .engine import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
+from .structured import TAGS, parse_candidate
 from .textgrad_env import import_textgrad
 
 log = logging.getLogger("nslora")
 
 NAME = "textgrad"
-TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
 
 ROLE_SYSTEM_PROMPT = ("system prompt given to a small assistant model before every user question; "
                       "it should make the assistant answer correctly and in the required format")
@@ -74,12 +74,9 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_tagged(text: str) -> str | None:
-    """The text between the improved-variable tags, or None (TextGrad would raise IndexError)."""
-    m = re.search(re.escape(TAGS[0]) + r"(.*?)(?:" + re.escape(TAGS[1]) + r"|$)", text or "", flags=re.S)
-    if not m:
-        return None
-    value = m.group(1).strip()
-    return value or None
+    """The proposed text of an update reply, found leniently (`structured.parse_candidate`), or
+    None (TextGrad would raise IndexError)."""
+    return parse_candidate(text)[0]
 
 
 def show_whole(variable: Any) -> Any:
@@ -308,7 +305,7 @@ class TextGradEditor:
             if config.edit_questions:
                 question_futures = [(r, pool.submit(self._question_step, tg, client, r, examples))
                                     for r in done if r.question is not None]
-            candidate, repaired, sent = self._step(tg, client, system, prompt, constraints)
+            candidate, repaired, sent, parsed_as = self._step(tg, client, system, prompt, constraints)
             question_meta = self._collect_questions(question_futures, examples, run)
 
         problem = candidate_problem(candidate, config, run.tokenizer)
@@ -316,7 +313,8 @@ class TextGradEditor:
             for request in sent:  # do not replay the unusable replies from the cache
                 client.forget(*request)
             raise problem
-        meta: dict[str, Any] = {"repaired": repaired, "batch": [r.example_id for r in done]}
+        meta: dict[str, Any] = {"repaired": repaired, "batch": [r.example_id for r in done],
+                                "parsed_as": parsed_as, "structured": client.structured_request()}
         if errors:
             meta["failed_examples"] = len(errors)
         if question_meta:
@@ -345,24 +343,23 @@ class TextGradEditor:
             return _ExampleGrads(ex.id, [], error=exc)
 
     def _step(self, tg: Any, client: EditorClient, variable: Any, old: str,
-              constraints: list[str]) -> tuple[str | None, bool, list[tuple[str, str | None]]]:
-        """One TGD update of `variable`; a missing tag gets one repair request. Returns the new
-        text (None if both replies are unusable), whether it was repaired, and the requests sent."""
-        engine = make_engine(client)  # its own engine: last_response is this step's reply
+              constraints: list[str]) -> tuple[str | None, bool, list[tuple[str, str | None, bool]], str]:
+        """One TGD update of `variable`; a reply with no candidate gets one repair request.
+        Returns the new text (None if both replies are unusable), whether it was repaired, the
+        requests sent, and how the candidate was found ("tags", "json", "lenient" or "none")."""
+        engine = make_engine(client, update=True)  # its own engine: last_response is this step's
         optimizer = tg.TGD(parameters=[variable], engine=engine, constraints=constraints)
         try:
             optimizer.step()
             value = str(variable.value).strip()
             if value:
-                return value, False, engine.sent
+                return value, False, engine.sent, engine.parsed_as
         except IndexError:
             pass
         reply = engine.last_response or ""
-        salvaged = parse_tagged(reply)  # an opening tag without the closing one
-        if salvaged:
-            return salvaged, True, engine.sent
         repair = REPAIR_TEMPLATE.format(start=TAGS[0], end=TAGS[1], old=old, reply=reply[:2000])
-        return parse_tagged(engine(repair)), True, engine.sent
+        value = parse_tagged(engine(repair))
+        return value, True, engine.sent, engine.parsed_as
 
     # ---------------------------------------------------------------- question edits
     def _question_step(self, tg: Any, client: EditorClient, grads: _ExampleGrads,
@@ -372,7 +369,7 @@ class TextGradEditor:
         constraints = ["Keep every number, name and quantity of the original question.",
                        "The text must still ask for exactly the same result.",
                        f"The text must stay under {max(3 * len(original), 400)} characters."]
-        value, _, sent = self._step(tg, client, q, original, constraints)
+        value, _, sent, _ = self._step(tg, client, q, original, constraints)
         if question_problem(original, value, None) is not None:
             for request in sent:
                 client.forget(*request)
