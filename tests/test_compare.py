@@ -330,3 +330,40 @@ def test_compare_counts_candidates_per_editor(tiny_model_dir, tmp_path):
     demos = ns["editors"]["demonstrations"]
     assert demos["proposed"] >= 1 and demos["accepted"] <= demos["proposed"]
     assert sum(c["proposed"] for c in ns["editors"].values()) == ns["edits_proposed"]
+
+
+def test_hidden_format_rule_and_the_question_edit_ablation(tiny_model_dir, tmp_path, capsys):
+    """`--hide-format-rule`: the editors get only the reward's regex (the constraint editor then
+    states the pattern), while the manual-fix arm still writes the task's instruction by hand;
+    `neurosymbolic_questions` is neurosymbolic with question edits on."""
+    from nslora_plugin.cli import main
+    from nslora_plugin.harness.tasks import FINAL_INSTRUCTION
+
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--arms", "lora_instruction,neurosymbolic_questions", "--hide-format-rule",
+                 "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
+                 "--pool-size", "3", "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline",
+                 "--set", "nll_threshold=100", "--set", "gate_tie_break=accept",
+                 "--set", "style_share_threshold=0"])
+    assert code == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["settings"]["format_rule"] == "hidden"
+    assert list(result["arms"]) == ["lora_instruction", "neurosymbolic_questions"]
+    arm_cfg = json.loads((out / "neurosymbolic_questions" / "nslora" / "config.json").read_text())
+    assert arm_cfg["format_instruction"] is None and arm_cfg["edit_questions"] is True
+    history = [json.loads(x) for x in
+               (out / "neurosymbolic_questions" / "nslora" / "prompt_history.jsonl").open()]
+    stated = [c["prompt"] for c in history[1:] if c["editor"] == "constraint"]
+    assert stated and all("matching the pattern" in p and FINAL_INSTRUCTION not in p for p in stated)
+
+
+def test_manual_fix_keeps_the_instruction_when_it_is_hidden_from_the_editors():
+    from nslora_plugin.harness.compare import baseline_rows, build_config, build_parser
+    from nslora_plugin.harness.tasks import make_facts_task
+
+    task = make_facts_task(3, probe_size=4, pool_size=3)
+    cfg = build_config(build_parser().parse_args(["--hide-format-rule"]), task, Path("unused"))
+    assert cfg.format_instruction is None and cfg.answer_format == task.answer_format
+    _, prompt = baseline_rows("lora_instruction", task, cfg)
+    assert prompt.endswith(task.format_instruction)

@@ -16,7 +16,13 @@ Arms on the same model, data, probe (gate) set and held-out set (the default is 
   written by hand into the system prompt of the rows whose replies follow it (the pool's), and
   that prompt at evaluation; **lora_instruction_all** writes it into every row's prompt;
 - **fixed**: a fixed schedule in the style of DSPy's BetterTogether — a symbolic round on the
-  baseline probe before the first step, then LoRA for the whole budget, prompts as data on.
+  baseline probe before the first step, then LoRA for the whole budget, prompts as data on;
+- **neurosymbolic_questions**: the paper's joint system + question edits — neurosymbolic with
+  `edit_questions: true` (an ablation; only the TextGrad editor rewrites questions, so with
+  `--editor constraint` it runs as neurosymbolic does).
+
+`--hide-format-rule` gives the NSLoRA arms' editors no `format_instruction`: they see only the
+reward's regex and the failing examples (the manual-fix arms still use the task's instruction).
 
 With `--pool-size N` the labelled rows outside training are split in two: the probe is the
 **gate split** (scored by the gate and the router, never trained on by any arm) and the **pool**
@@ -62,7 +68,8 @@ from . import tables
 from .tasks import Task, load_task
 
 DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
-ARMS = (*DEFAULT_ARMS, "lora", "lora_instruction", "lora_instruction_all", "fixed")
+ARMS = (*DEFAULT_ARMS, "lora", "lora_instruction", "lora_instruction_all", "fixed",
+        "neurosymbolic_questions")
 PLAIN_LORA_ARMS = ("lora", "lora_instruction", "lora_instruction_all")
 ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
 
@@ -119,6 +126,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--context-share", type=float, default=0.0,
                    help="synthetic task: share of facts stated in their questions (only the format "
                         "is left to learn for those; the knob of `nslora sweep`)")
+    p.add_argument("--hide-format-rule", action="store_true",
+                   help="the NSLoRA arms' editors get no format_instruction: only the reward's "
+                        "regex and the failing examples (the lora_instruction arms, a user's "
+                        "manual fix, still write the task's instruction by hand)")
     return p
 
 
@@ -292,6 +303,8 @@ def build_config(args: argparse.Namespace, task: Task, output_dir: Path) -> NSLo
         if isinstance(data.get("nslora"), dict):
             data = data["nslora"]
         settings.update(data)
+    if getattr(args, "hide_format_rule", False):
+        settings["format_instruction"] = None
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -357,6 +370,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                                "lora_r": args.lora_r, "max_new_tokens": args.max_new_tokens,
                                "editor": config.editor, "max_symbolic_rounds": config.max_symbolic_rounds,
                                "seed": args.seed, "router_start": args.router_start,
+                               "format_rule": "hidden" if getattr(args, "hide_format_rule", False)
+                               else "given",
                                "nslora_config": config.to_dict()},
                   "arms": {}}
         if not args.no_baseline:
@@ -423,6 +438,8 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     if arm == "fixed":
         plugins.insert(0, FixedScheduleRoute())
         cfg = cfg.replace(check_at_start=True)
+    if arm == "neurosymbolic_questions":  # the paper's joint system + question edits (TextGrad)
+        cfg = cfg.replace(edit_questions=True)
     pool = task.pool or None
     t0 = time.time()
     model = _load_model(model_path)
@@ -524,7 +541,8 @@ def baseline_rows(arm: str, task: Task, cfg: NSLoRAConfig) -> tuple[list[dict[st
     rows = [dict(r) for r in [*task.train, *task.pool]]
     if arm == "lora":
         return rows, cfg.system_prompt
-    instructed = "\n".join(p for p in (cfg.system_prompt, cfg.format_instruction) if p)
+    instruction = cfg.format_instruction or task.format_instruction  # hidden from the editors only
+    instructed = "\n".join(p for p in (cfg.system_prompt, instruction) if p)
     for row in rows:
         if arm == "lora_instruction_all" or format_compliant(row["answer"], cfg.answer_format or ""):
             row["system_prompt"] = instructed
