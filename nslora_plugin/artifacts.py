@@ -9,6 +9,9 @@
     state.json             loop state (router, monitor, usage) used on resume
     config.json            the NSLoRAConfig of the run (no secrets: keys are never in it)
     summary.json           before/after numbers, written at the end
+    versions.json          Python, torch, transformers, TRL, PEFT, ... versions of the run
+    train_log.jsonl        the trainer's log history (loss, grad norm, learning rate), at the end
+    report.html            the run report (`nslora report`, or `report: true`), at the end
 
 The folder is copied into every `checkpoint-N/` and into the final output folder so that an
 adapter and its prompt always travel together.
@@ -214,6 +217,7 @@ class NSLoRAArtifacts:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
 
     def augmented_dataset(self) -> Any:
         """The augmented rows as a `datasets.Dataset`."""
@@ -225,14 +229,79 @@ class NSLoRAArtifacts:
         return Dataset.from_list(self.augmented_rows)
 
 
-def find_artifact_dir(path: str | Path) -> Path:
+class NoArtifactsError(FileNotFoundError):
+    """A folder holds no NSLoRA artifacts; the message names the folder, where it looked and
+    what the folder does hold."""
+
+
+#: packages whose versions a run records (`versions.json`) and the report shows
+VERSIONED_PACKAGES = ("nslora-plugin", "torch", "transformers", "trl", "peft", "accelerate",
+                      "datasets", "textgrad", "bitsandbytes")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The Python and package versions of this process (None: not installed), so a report or a
+    card can say what a run was trained with."""
+    import platform
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _checkpoint_step(folder: Path) -> int:
+    tail = folder.name.rpartition("-")[2]
+    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else -1
+
+
+def artifact_candidates(path: str | Path) -> list[Path]:
+    """Where a run's artifacts may be, in the order they are looked for: the folder itself (an
+    `nslora/` folder), its `nslora/` (a run folder, a checkpoint or a final adapter folder),
+    then its checkpoints' `nslora/`, latest first (a run folder whose own copy is elsewhere)."""
     path = Path(path)
-    for candidate in (path, path / ARTIFACT_DIR):
+    out = [path, path / ARTIFACT_DIR]
+    if path.is_dir():
+        checkpoints = sorted((p for p in path.glob("checkpoint-*") if _checkpoint_step(p) >= 0),
+                             key=_checkpoint_step, reverse=True)
+        out += [p / ARTIFACT_DIR for p in checkpoints]
+    return out
+
+
+def _what_is_there(path: Path) -> str:
+    if not path.exists():
+        return "the path does not exist"
+    if not path.is_dir():
+        return "it is a file, not a folder"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                   if not p.name.startswith("."))
+    if not names:
+        return "the folder is empty"
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} entries)" if len(names) > 12 else "")
+    hint = ""
+    if (path / "adapter_config.json").is_file():
+        hint = ("; it is an adapter saved without its NSLoRA artifacts — copy them next to it "
+                "with nslora_plugin.callback.save_artifacts(callback, folder)")
+    elif (path / ARTIFACT_DIR).is_dir():
+        hint = f"; {ARTIFACT_DIR}/ has no prompt.json (a run that stopped before its first save?)"
+    return f"it holds {shown}{hint}"
+
+
+def find_artifact_dir(path: str | Path) -> Path:
+    """The folder with a run's `prompt.json`, from a run folder, a `checkpoint-N` folder, a final
+    adapter folder or the `nslora/` folder itself; `NoArtifactsError` says what was there."""
+    path = Path(path)
+    for candidate in artifact_candidates(path):
         if (candidate / "prompt.json").is_file():
             return candidate
-    raise FileNotFoundError(
-        f"No NSLoRA artifacts under {str(path)!r}: expected {ARTIFACT_DIR}/prompt.json in a run's "
-        "output folder, a checkpoint-N folder or the final adapter folder")
+    raise NoArtifactsError(
+        f"No NSLoRA artifacts under {str(path)!r}: looked for prompt.json in it, in "
+        f"{ARTIFACT_DIR}/ and in checkpoint-*/{ARTIFACT_DIR}/ (what a run's output folder, a "
+        f"checkpoint-N folder or the final adapter folder holds); {_what_is_there(path)}")
 
 
 class ArtifactsUnreadable(ValueError):
@@ -270,4 +339,5 @@ def load_artifacts(path: str | Path) -> NSLoRAArtifacts:
         config=_read_json(root / "config.json"),
         summary=_read_json(root / "summary.json"),
         state=_read_json(root / "state.json"),
+        versions=_read_json(root / "versions.json"),
     )

@@ -9,7 +9,9 @@ What it hooks, and why there:
   below `max_grad_norm`, which is where the saturation threshold lives.
 - on_step_end: closes the step in the monitor and runs a check when one is due.
 - on_log: adds `nslora/*` metrics to the trainer's own logs, so `report_to` carries them.
-- on_save / on_train_end: artifacts into `checkpoint-N/nslora` and `<output_dir>/nslora`.
+- on_save / on_train_end: artifacts into `checkpoint-N/nslora` and `<output_dir>/nslora`, the
+  NSLoRA section of the model card next to them (`card.py`), and at the end the trainer's log
+  history (`train_log.jsonl`) and, with `report: true`, `report.html`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class NSLoRACallback(TrainerCallback):
                        processing_class: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         if not self.config.enabled:
             return
+        _move_first(self)
         tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
         if tokenizer is None:
             raise ValueError("NSLoRACallback needs the tokenizer: pass tokenizer=... or use a Trainer "
@@ -92,6 +95,16 @@ class NSLoRACallback(TrainerCallback):
                             lambda base: self.loop.wrap_collator(base, max_length=max_length))
         self._hook_handle = model.register_forward_hook(self._capture_loss)
         self.loop.start(model, resumed_step=resumed_step)
+        if state.is_world_process_zero:  # what the run was trained with, for the report and card
+            from .artifacts import package_versions
+
+            self.loop.artifacts.write_json("versions.json", package_versions())
+            if resumed_step is None:  # an earlier run's end-of-training files are not this run's
+                for name in ("train_log.jsonl", "report.html"):
+                    try:
+                        self.loop.artifacts.path(name).unlink(missing_ok=True)
+                    except OSError:  # a read-only folder is reported by the writes, not here
+                        pass
         self._sync_ranks(args)
 
     def _capture_loss(self, module: Any, inputs: Any, output: Any) -> None:
@@ -139,7 +152,13 @@ class NSLoRACallback(TrainerCallback):
         logs["nslora/symbolic_rounds"] = loop.decision_counts["symbolic"]
         logs["nslora/augmented_examples"] = len(loop.augmented)
         if loop.reports:
-            logs["nslora/probe_reward"] = round(loop.reports[-1].mean_reward, 4)
+            last = loop.reports[-1]
+            logs["nslora/probe_reward"] = round(last.mean_reward, 4)
+            for key in sorted({k for r in last.results for k in r.rewards}):  # accuracy, format, ...
+                logs[f"nslora/probe_{key}"] = round(last.mean(key), 4)
+            logs["nslora/probe_ref_nll"] = round(last.mean_nll, 4)
+        logs["nslora/edits_accepted"] = loop.decision_counts["accepted"]
+        logs["nslora/edits_rejected"] = loop.decision_counts["rejected"]
         usage = loop.usage()
         if usage:
             logs["nslora/editor_calls"] = usage.get("calls", 0)
@@ -152,6 +171,9 @@ class NSLoRACallback(TrainerCallback):
         if checkpoint.is_dir():
             dest = self.loop.artifacts.copy_into(checkpoint)
             self.loop.save(into=dest)
+            from .card import write_card_section
+
+            write_card_section(checkpoint, dest)
         else:
             self.loop.save()
 
@@ -163,7 +185,40 @@ class NSLoRACallback(TrainerCallback):
             self._hook_handle = None
         self.summary = self.loop.finish(model, state.global_step)
         if state.is_world_process_zero:
-            self.loop.artifacts.copy_into(args.output_dir)
+            self.loop.artifacts.write_jsonl("train_log.jsonl", list(state.log_history))
+            if self.config.report:
+                from .report import try_write_report
+
+                try_write_report(self.loop.artifacts.root)
+            dest = self.loop.artifacts.copy_into(args.output_dir)
+            from .card import write_card_section
+
+            # `trainer.save_model(output_dir)` after training keeps the section (PEFT updates
+            # an existing card in place)
+            write_card_section(args.output_dir, dest)
+
+
+def _move_first(callback: NSLoRACallback) -> None:
+    """Put `callback` first in the trainer's callback list. Its `on_log` adds the `nslora/*`
+    metrics to the log dict, and the `report_to` callbacks (TensorBoard, W&B, ...) only see what
+    is in it when their own `on_log` runs; a callback passed as `Trainer(callbacks=[...])` — the
+    way LLaMA-Factory and plain scripts add it — comes after them. A callback never receives the
+    trainer, so the handler is found as the caller of this event (`CallbackHandler.call_event`).
+    Moving an element from position k to 0 while the handler iterates keeps the iteration exact:
+    the callbacks after k keep their positions."""
+    import sys
+
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
+        frame = frame.f_back
+    if frame is None:
+        return
+    callbacks = frame.f_locals["self"].callbacks
+    if callbacks and callbacks[0] is not callback and any(c is callback for c in callbacks):
+        index = next(i for i, c in enumerate(callbacks) if c is callback)
+        callbacks.insert(0, callbacks.pop(index))
 
 
 def as_config(config: NSLoRAConfig | dict | str | Path | None) -> NSLoRAConfig:
@@ -218,14 +273,39 @@ def attach(trainer: Any, config: NSLoRAConfig | dict | str | None = None, *, pro
     callback = NSLoRACallback(cfg, probe=probe, tokenizer=getattr(trainer, "processing_class", None),
                               plugins=plugins, console=console, pool=pool)
     trainer.callback_handler.callbacks.insert(0, callback)
+    _keep_card_section(trainer, callback)
     return callback
+
+
+def _keep_card_section(trainer: Any, callback: NSLoRACallback) -> None:
+    """TRL's `create_model_card` rewrites `<output_dir>/README.md` from scratch (at every
+    checkpoint and in `push_to_hub`, just before the upload); put the NSLoRA section back each
+    time, so the card pushed to the Hub carries the prompt."""
+    original = getattr(trainer, "create_model_card", None)
+    if original is None or getattr(original, "_nslora_card", False):
+        return
+
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if callback.loop is not None and callback.loop.is_main:
+            from .card import write_card_section
+
+            write_card_section(trainer.args.output_dir, callback.loop.artifacts.root)
+        return result
+
+    create_model_card._nslora_card = True  # type: ignore[attr-defined]
+    trainer.create_model_card = create_model_card
 
 
 def save_artifacts(callback: NSLoRACallback, folder: str | Path) -> Path:
     """Copy the run's artifacts next to an adapter saved elsewhere (`trainer.save_model(folder)`)."""
     if callback.loop is None:
         raise RuntimeError("NSLoRA has not run yet: call trainer.train() first")
-    return callback.loop.artifacts.copy_into(folder)
+    dest = callback.loop.artifacts.copy_into(folder)
+    from .card import write_card_section
+
+    write_card_section(folder, dest)
+    return dest
 
 
 def _raw_eval_rows(trainer: Any) -> Any:

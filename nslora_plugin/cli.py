@@ -1,5 +1,6 @@
 """The `nslora` command: `nslora demo`, `nslora compare`, `nslora sweep`, `nslora show RUN_DIR`,
-`nslora generate RUN_DIR "question"`, `nslora doctor --model ...`, `nslora version`."""
+`nslora report RUN_DIR`, `nslora generate RUN_DIR "question"`, `nslora doctor --model ...`,
+`nslora version` (or `nslora --version`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nslora", description="Neurosymbolic LoRA plugin")
+    parser.add_argument("--version", action="version", version=f"nslora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from .harness.demo import build_parser
 
@@ -19,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("show", help="print a run's prompt, decisions and summary")
     show.add_argument("path", help="run output folder, checkpoint or adapter folder")
     show.add_argument("--decisions", action="store_true", help="print every decision line")
+    report = sub.add_parser(
+        "report", help="write a run's HTML report (plots, prompt history, router, editor usage)",
+        description="Write one self-contained HTML page (no network, no script) for a run: the "
+                    "timeline, every candidate prompt with its gate verdict and diff, the router's "
+                    "labels, editor usage, prompts-as-data rows, config and versions. Also renders "
+                    "the JSON of nslora compare / nslora sweep.")
+    report.add_argument("path", help="run output folder, checkpoint-N, final adapter folder, or a "
+                                     "compare / sweep JSON file")
+    report.add_argument("-o", "--output", default=None,
+                        help="where to write the page (default: report.html in the artifacts "
+                             "folder; for a JSON file, the same name with .html)")
     sub.add_parser("version", help="print the version")
     _add_generate_and_doctor(sub)
     from .harness.compare import build_parser as build_compare_parser
@@ -50,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args)
         return 0
+    if args.command == "report":
+        return _report(args)
     if args.command == "show":
-        from .artifacts import load_artifacts
+        from .artifacts import ArtifactsUnreadable, load_artifacts
 
         try:
             arts = load_artifacts(args.path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ArtifactsUnreadable) as exc:
             print(f"nslora: {exc}", file=sys.stderr)
             return 2
         print(f"artifacts: {arts.root}")
@@ -77,11 +94,45 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_doctor(args)
     if args.command == "version":
-        from . import __version__
-
         print(__version__)
         return 0
     return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    """`nslora report`: a run folder's page, or a compare / sweep JSON's page."""
+    from pathlib import Path
+
+    from .artifacts import ArtifactsUnreadable
+
+    path = Path(args.path)
+    try:
+        if path.is_file() and path.suffix == ".json":
+            from .report import compare_report, sweep_report
+
+            data = json.loads(path.read_text(encoding="utf-8"))
+            output = Path(args.output) if args.output else path.with_suffix(".html")
+            if isinstance(data, dict) and "points" in data:
+                written = sweep_report(data, output)
+            elif isinstance(data, dict) and "arms" in data:
+                written = compare_report(data, output)
+            else:
+                print(f"nslora: {str(path)!r} is neither an nslora compare nor an nslora sweep "
+                      "result (no 'arms' or 'points' key)", file=sys.stderr)
+                return 2
+        else:
+            from .report import write_report
+
+            written = write_report(path, args.output)
+    except (FileNotFoundError, ArtifactsUnreadable, json.JSONDecodeError) as exc:
+        print(f"nslora: {exc}", file=sys.stderr)
+        return 2
+    from .report.plots import PLOTS_MISSING, available
+
+    if not available():
+        print(f"nslora: {PLOTS_MISSING}", file=sys.stderr)
+    print(f"report: {written.resolve()}")
+    return 0
 
 
 def _add_generate_and_doctor(sub: Any) -> None:

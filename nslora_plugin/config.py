@@ -72,6 +72,9 @@ class NSLoRAConfig:
         "rewrites. None: the chat template's default system prompt.")
     seed: int = _opt(0, "run", "Seed for probe sampling, batch mixing and held-out splits.",
                      check="non_negative")
+    report: bool = _opt(
+        False, "run", "Write report.html (timeline plots, prompt history, router decisions, editor "
+        "usage) into the artifacts folder at the end of training; plots need the `plots` extra.")
 
     # monitor: C1 is the relative change of the windowed loss, C2 the windowed mean gradient norm
     monitor_window: int = _opt(10, "monitor", "Optimizer steps in the loss / gradient-norm window.",

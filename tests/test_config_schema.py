@@ -35,6 +35,7 @@ def test_allowed_values_come_from_the_literal_types_and_are_enforced():
                        "on_editor_down": ("numerical", "fail"),
                        "gate_tie_break": ("nll", "accept", "reject"),
                        "editor_backend": ("openai", "litellm", "local"),
+                       "editor_structured_output": ("auto", "off"),
                        "prompt_swap": ("compliant", "all")}
     for name, allowed in choices.items():
         with pytest.raises(NSLoRAConfigError, match=f"{name}='nope'.*one of " + re.escape(repr(allowed[0]))):

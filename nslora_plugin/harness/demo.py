@@ -222,7 +222,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     summary["demo_wall_seconds"] = round(time.time() - t0, 1)
     (output_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (final_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from ..card import write_card_section
+    from ..report import try_write_report
+
+    write_card_section(final_dir)  # the card's numbers now include the held-out split
+    report = try_write_report(output_dir / "nslora")
     print_summary(console, summary)
+    if report is not None:
+        console.print(f"[bold]report:[/] {report}  (open it in a browser; it needs no network)")
     return summary
 
 
