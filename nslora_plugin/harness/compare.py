@@ -404,6 +404,12 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     path = _write(result, args, output_dir)
     print_table(console, result)
     console.print(f"results: {path}")
+    try:
+        from ..report import compare_report
+
+        console.print(f"report: {compare_report(result, path.with_suffix('.html'))}")
+    except Exception as exc:  # the results JSON is written; a page that fails must not lose them
+        console.print(f"report: not written ({type(exc).__name__}: {exc})")
     return result
 
 

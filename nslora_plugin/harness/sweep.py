@@ -77,6 +77,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     json_path.write_text(portable_paths(json.dumps(sweep, indent=2, ensure_ascii=False, default=str)) + "\n")
     json_path.with_suffix(".md").write_text(markdown(sweep))
     plot(sweep, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
+    try:
+        from ..report import sweep_report
+
+        print(f"report: {sweep_report(sweep, json_path.with_suffix('.html'))}")
+    except Exception as exc:  # the table, JSON and plot are written; a failed page loses nothing
+        print(f"report: not written ({type(exc).__name__}: {exc})")
     print(markdown(sweep))
     return sweep
 
