@@ -15,25 +15,13 @@ ARM_COLUMNS = (("accuracy", "held-out accuracy"), ("accuracy_sd", "sd over seeds
 
 
 def _verdict(result: dict[str, Any]) -> str:
-    v = result.get("verdict") or {}
-    if not v:
+    """The verdict in the words `nslora compare` prints (one source for both)."""
+    from ..harness.compare import verdict_lines
+
+    if not result.get("verdict"):
         return '<p class="muted">No verdict recorded.</p>'
-    lines = []
-    if v.get("winner"):
-        lines.append(f"highest held-out accuracy: <b>{esc(v['winner'])}</b> ({esc(v.get('winner_accuracy'))})")
-    elif v.get("tied"):
-        lines.append(f"highest held-out accuracy: a tie between <b>{esc(', '.join(v['tied']))}</b> "
-                     f"({esc(v.get('winner_accuracy'))})")
-    if "margin_points" in v:
-        interval = v.get("margin_interval95_points")
-        lines.append(f"neurosymbolic against the best other arm ({esc(v.get('best_other_arm'))}): "
-                     f"{esc(format(v['margin_points'], '+.1f'))} points"
-                     + (f", 95 % paired bootstrap interval [{esc(format(interval[0], '+.1f'))}, "
-                        f"{esc(format(interval[1], '+.1f'))}] over {esc(v.get('seeds'))} seed(s)" if interval else ""))
-    if v.get("router_accuracy") is not None:
-        lines.append(f"router label accuracy: {esc(v['router_accuracy'])}")
     note = result.get("verdict_note")
-    return "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>" + (
+    return "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in verdict_lines(result)) + "</ul>" + (
         f'<p class="muted">{esc(note)}</p>' if note else "")
 
 
