@@ -15,30 +15,17 @@ import shutil
 
 import pytest
 
-from nslora_plugin import NSLoRAConfig, load_artifacts
+from nslora_plugin import load_artifacts
 from nslora_plugin.card import BEGIN, END, write_card_section
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.integrations.trl import attach, save_artifacts
+from nslora_plugin.integrations.trl import save_artifacts
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, tiny_model
+from tiny import FORMAT_INSTRUCTION, SYSTEM, run_from_base_folder
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("card")
-    rows = make_word_problems(40, seed=3)
-    tiny_model(tokenizer).save_pretrained(root / "base")  # adapter_config.json will name it
-    tokenizer.save_pretrained(root / "base")
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
-    trainer = sft_trainer(tokenizer, root / "run", rows[:32], max_steps=4, save_steps=2, model=base)
-    config = NSLoRAConfig(system_prompt=SYSTEM, editor="constraint", check_every=2, probe_size=4,
-                          probe_max_new_tokens=8, answer_format=ANSWER_FORMAT,
-                          format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0,
-                          gate_tie_break="accept", max_symbolic_rounds=1, monitor_window=2)
-    callback = attach(trainer, config, probe=rows[32:])
-    trainer.train()
+    trainer, callback = run_from_base_folder(tokenizer, root, max_steps=4, save_steps=2, check_every=2)
     trainer.save_model(str(root / "final"))
     save_artifacts(callback, root / "final")
     return root, trainer

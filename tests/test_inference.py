@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin import load_artifacts
 from nslora_plugin.inference import (generate, load_for_inference, set_default_system_prompt,
                                      wrap_chat_template)
-from nslora_plugin.integrations.trl import attach, save_artifacts
+from nslora_plugin.integrations.trl import save_artifacts
 
-from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer, tiny_model
+from tiny import FORMAT_INSTRUCTION, SYSTEM, run_from_base_folder
 
 USER = [{"role": "user", "content": "What is 6 * 7?"}]
 
@@ -24,20 +23,7 @@ USER = [{"role": "user", "content": "What is 6 * 7?"}]
 def trained(tmp_path_factory, tokenizer):
     """(run folder, final adapter folder) of a 3-step run whose first check accepts an edit."""
     root = tmp_path_factory.mktemp("inference")
-    from transformers import AutoModelForCausalLM
-
-    rows = make_word_problems(40, seed=3)
-    # a base model folder, as users have: adapter_config.json will name it
-    tiny_model(tokenizer).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
-    trainer = sft_trainer(tokenizer, root / "run", rows[:32], max_steps=3, save_steps=3, model=base)
-    config = NSLoRAConfig(system_prompt=SYSTEM, editor="constraint", check_every=3, probe_size=4,
-                          probe_max_new_tokens=8, answer_format=ANSWER_FORMAT,
-                          format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0,
-                          gate_tie_break="accept", max_symbolic_rounds=1, monitor_window=2)
-    callback = attach(trainer, config, probe=rows[32:])
-    trainer.train()
+    trainer, callback = run_from_base_folder(tokenizer, root, max_steps=3, save_steps=3, check_every=3)
     final = root / "final"
     trainer.save_model(str(final))
     save_artifacts(callback, final)

@@ -99,3 +99,29 @@ def write_trl_workdir(root: Path, tokenizer: Any) -> Path:
         "".join(json.dumps(r) + "\n" for r in chat_rows(rows[:32], SYSTEM)))
     (root / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
     return root
+
+
+def run_from_base_folder(tokenizer: Any, root: Path, *, max_steps: int, save_steps: int,
+                         check_every: int) -> tuple[Any, Any]:
+    """A real NSLoRA run from a base model saved as a folder, as users have (so the adapter's
+    `adapter_config.json` names it), whose first check accepts a constraint edit. Returns the
+    trained (trainer, callback)."""
+    from transformers import AutoModelForCausalLM
+
+    from nslora_plugin import NSLoRAConfig
+    from nslora_plugin.data import make_word_problems
+    from nslora_plugin.integrations.trl import attach
+
+    rows = make_word_problems(40, seed=3)
+    tiny_model(tokenizer).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    trainer = sft_trainer(tokenizer, root / "run", rows[:32], max_steps=max_steps,
+                          save_steps=save_steps, model=base)
+    config = NSLoRAConfig(system_prompt=SYSTEM, editor="constraint", check_every=check_every,
+                          probe_size=4, probe_max_new_tokens=8, answer_format=ANSWER_FORMAT,
+                          format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0,
+                          gate_tie_break="accept", max_symbolic_rounds=1, monitor_window=2)
+    callback = attach(trainer, config, probe=rows[32:])
+    trainer.train()
+    return trainer, callback
