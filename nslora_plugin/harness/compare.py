@@ -730,7 +730,7 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
     tables.print_table(console, f"nslora compare — {t['name']} (held-out n={t['held_out']}, "
                        f"{result['settings']['max_steps']} steps, editor {result['settings']['editor']})",
                        COLUMNS, table_rows(result))
-    for line in verdict_lines(result):
+    for line in tables.verdict_lines(result):
         console.print(line)
     v = result.get("verdict") or {}
     if v.get("router_accuracy_all_arms") is not None:
@@ -752,29 +752,6 @@ def print_table(console: Any, result: dict[str, Any]) -> None:
         console.print(f"held-out accuracy on the {n_other} facts outside the probe set (probe "
                       "references can become training rows): " + ", ".join(
                           f"{arm} {x:.3f}" for arm, x in other.items() if x is not None))
-
-
-def verdict_lines(result: dict[str, Any]) -> list[str]:
-    """The verdict in words: who wins, neurosymbolic's margin and interval, router accuracy."""
-    v = result.get("verdict") or {}
-    lines = []
-    if v.get("winner"):
-        lines.append(f"highest held-out accuracy: {v['winner']} ({v['winner_accuracy']:.3f})")
-    elif v.get("tied"):
-        lines.append(f"highest held-out accuracy: a tie between {', '.join(v['tied'])} "
-                     f"({v['winner_accuracy']:.3f})")
-    if "margin_points" in v:
-        interval = v.get("margin_interval95_points")
-        lines.append(f"neurosymbolic vs the best other arm ({v['best_other_arm']}): "
-                     f"{v['margin_points']:+.1f} points" + (
-                         f", 95 % paired bootstrap interval [{interval[0]:+.1f}, {interval[1]:+.1f}] "
-                         f"over {v['seeds']} seed(s)" if interval else ""))
-    if v.get("router_accuracy") is not None:
-        ns = result["arms"]["neurosymbolic"]["router"]
-        lines.append(f"router label accuracy: {v['router_accuracy']:.3f} over {ns['failures']} "
-                     "labelled failures" + (f" (action agreement {ns['action_accuracy']:.3f})"
-                                             if "action_accuracy" in ns else ""))
-    return lines
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ ARM_COLUMNS = (("accuracy", "held-out accuracy"), ("accuracy_sd", "sd over seeds
 
 def _verdict(result: dict[str, Any]) -> str:
     """The verdict in the words `nslora compare` prints (one source for both)."""
-    from ..harness.compare import verdict_lines
+    from ..harness.tables import verdict_lines
 
     if not result.get("verdict"):
         return '<p class="muted">No verdict recorded.</p>'
