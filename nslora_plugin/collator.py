@@ -14,8 +14,28 @@ is baked into `input_ids`. `NSLoRACollator` wraps the framework's own collator a
 
 Spans are computed *in context* (tokenizing a rendered chat and keeping the tokens that cover the
 prompt's characters), so BPE merges at the template's boundaries match what the framework produced.
-Requires the collator to run in the training process (`dataloader_num_workers=0`, the default) and
-no packing; both are checked and reported once.
+Requires the collator to run in the training process (`dataloader_num_workers=0`, the default).
+
+Packed batches are spliced per segment, so every packed example trains on the current prompt:
+
+- TRL `packing=True` (strategies "bfd" / "bfd_split"): each row carries `seq_lengths`; the row is
+  split into its segments, each segment is swapped like an example (its labels, masks and
+  position ids with it), a share of the segments is replaced with augmented rows, and the row is
+  joined again with new `seq_lengths` (TRL's collator then builds the per-segment position ids).
+  "wrapped" packing cuts examples across rows and keeps no boundaries: it is refused by the TRL
+  adapter, and a row holding the initial prompt twice is reported here. With "bfd_split" the
+  continuation of a split example has no prompt and is left as it is.
+- Axolotl `sample_packing: true`: the multipack sampler hands the collator one list of examples
+  per pack, which its collator concatenates itself; each inner example is swapped and a share of
+  them replaced, pack by pack.
+- TRL `padding_free=True` without packing: the collator gets ordinary examples and flattens them
+  itself, so the per-example splice applies as it is.
+
+A longer prompt can push a pack past its length: with `max_length` known, a pack may use up to
+`max_length` times the number of `max_length` blocks it filled before (its capacity in TRL and in
+Axolotl's bins), and segments that no longer fit are *dropped* from that batch (counted in
+`stats["dropped"]`), never truncated — a cut reply would lose the format line the edited prompt
+asks for. A segment longer than `max_length` on its own is cut, as the frameworks do.
 """
 
 from __future__ import annotations
@@ -112,7 +132,7 @@ class NSLoRACollator:
         self._lock = threading.Lock()
         self._span_cache: dict[str, list[int]] = {}
         self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0,
-                      "kept_initial": 0, "batches": 0}
+                      "kept_initial": 0, "batches": 0, "packed_rows": 0, "dropped": 0}
         self._warned: set[str] = set()
         # before each batch: what it was collated with (a data loader collates ahead of training,
         # so a checkpoint must go back to the first batch not yet trained on)
@@ -165,21 +185,60 @@ class NSLoRACollator:
             self._before.append({"stats": dict(self.stats), "rng": self._rng.getstate(),
                                  "prompt": prompt, "pool": pool_size})
         self.stats["batches"] += 1
+        if features and isinstance(features[0], (list, tuple)):
+            # Axolotl's multipack sampler: one list of examples per pack, concatenated by its collator
+            packs = [list(pack) for pack in features]
+            spliced = self._splice_packs(packs, prompt, initial, pool_size)
+            return self.base([type(features[i])(pack) for i, pack in enumerate(spliced)])
         if features and "seq_lengths" in features[0]:
-            self._warn_once("packing", "packed / padding-free batches: prompt edits cannot be spliced "
-                            "into them; set packing=False (and padding_free=False) to train on edits")
-            return self.base(features)
-        out = []
-        for feature in features:
-            self.stats["examples"] += 1
-            if prompt is not None and initial is not None and prompt != initial:
-                feature, outcome = self._swap(feature, initial, prompt)
-                self.stats[outcome] += 1
-            out.append(feature)
+            # TRL's bfd packing: segments of each row are told apart by seq_lengths
+            packs = [_split_row(row) for row in features]
+            spliced = self._splice_packs(packs, prompt, initial, pool_size)
+            return self.base([_join_row(row, pack) for row, pack in zip(features, spliced)])
+        out = [self._swap_one(feature, prompt, initial) for feature in features]
         out = self._mix(out, prompt, pool_size)
         if self.max_length:
             out = [_truncate(f, self.max_length) for f in out]
         return self.base(out)
+
+    def _swap_one(self, feature: dict[str, Any], prompt: str | None,
+                  initial: str | None) -> dict[str, Any]:
+        self.stats["examples"] += 1
+        if prompt is not None and initial is not None and prompt != initial:
+            feature, outcome = self._swap(feature, initial, prompt)
+            self.stats[outcome] += 1
+        return feature
+
+    def _splice_packs(self, packs: list[list[dict[str, Any]]], prompt: str | None,
+                      initial: str | None, pool_size: int) -> list[list[dict[str, Any]]]:
+        """Swap every segment of every pack, replace a share of all segments with augmented rows,
+        and fit each pack back into its length (see the module docstring)."""
+        self.stats["packed_rows"] += len(packs)
+        before = [sum(len(seg["input_ids"]) for seg in pack) for pack in packs]
+        swapped = [[self._swap_one(seg, prompt, initial) for seg in pack] for pack in packs]
+        flat = self._mix([seg for pack in swapped for seg in pack], prompt, pool_size)
+        out, at = [], 0
+        for pack, length in zip(swapped, before):
+            out.append(self._fit(flat[at:at + len(pack)], length))
+            at += len(pack)
+        return out
+
+    def _fit(self, pack: list[dict[str, Any]], length_before: int) -> list[dict[str, Any]]:
+        if not self.max_length or not pack:
+            return pack
+        capacity = self.max_length * max(1, -(-length_before // self.max_length))
+        kept, used = [], 0
+        for seg in pack:
+            n = len(seg["input_ids"])
+            if used + n <= capacity:
+                kept.append(seg)
+                used += n
+            else:
+                self.stats["dropped"] += 1
+        if not kept:  # one segment longer than the pack on its own: cut it, as the frameworks do
+            self.stats["dropped"] -= 1
+            kept = [_truncate(pack[0], capacity)]
+        return kept
 
     def _span(self, prompt: str) -> list[int]:
         if prompt not in self._span_cache:
@@ -194,8 +253,14 @@ class NSLoRACollator:
         if at < 0:
             self._warn_once("no_span", "a training example does not contain the initial system prompt "
                             "in its tokens, so prompt edits cannot reach it; put the initial prompt "
-                            "(NSLoRAConfig.system_prompt) in every row's system message")
+                            "(NSLoRAConfig.system_prompt) in every row's system message (with TRL's "
+                            "packing_strategy='bfd_split', the rest of a split example has none)")
             return feature, "no_span"
+        if find_subsequence(ids[at + len(old_ids):], old_ids) >= 0:
+            self._warn_once("wrapped", "a training row holds the initial system prompt more than once: "
+                            "several examples packed without boundaries (TRL packing_strategy="
+                            "'wrapped'?); only the first prompt in each row is swapped — use "
+                            "packing_strategy='bfd' so every packed example gets the edit")
         if self.reply_ok is not None:
             rest = self.tokenizer.decode(ids[at + len(old_ids):], skip_special_tokens=True)
             if not self.reply_ok(rest):
@@ -274,6 +339,34 @@ class NSLoRACollator:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("NSLoRA: %s", message)
+
+
+def _split_row(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A TRL packed row -> one example per segment (its per-token fields cut at `seq_lengths`)."""
+    lengths = [int(n) for n in _as_list(row["seq_lengths"])]
+    width = len(row["input_ids"])
+    if sum(lengths) != width:
+        raise ValueError(f"a packed row's seq_lengths sum to {sum(lengths)}, but it has {width} tokens")
+    keys = [k for k, v in row.items() if k != "seq_lengths" and _is_sequence(v) and len(v) == width]
+    segments, at = [], 0
+    for n in lengths:
+        segments.append({k: _like(row[k], _as_list(row[k])[at:at + n]) for k in keys})
+        at += n
+    return segments
+
+
+def _join_row(row: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """Segments -> a TRL packed row with new `seq_lengths`; other fields of the row are kept."""
+    width = len(row["input_ids"])
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "seq_lengths":
+            out[key] = _like(value, [len(seg["input_ids"]) for seg in segments])
+        elif _is_sequence(value) and len(value) == width:
+            out[key] = _like(value, [t for seg in segments for t in _as_list(seg[key])])
+        else:
+            out[key] = value
+    return out
 
 
 def _truncate(feature: dict[str, Any], max_length: int) -> dict[str, Any]:

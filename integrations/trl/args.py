@@ -147,13 +147,15 @@ def config_from_args(nslora_args: Any) -> NSLoRAConfig | None:
 
 def check_trainer_args(args: Any) -> None:
     """Refuse trainer settings under which accepted prompts could never reach the batches."""
-    if getattr(args, "packing", False):
+    # --packing with the "bfd" / "bfd_split" strategies keeps each example's boundaries
+    # (`seq_lengths`), so the collator splices every packed segment; --padding_free flattens
+    # ordinary examples in the collator, after the splice. "wrapped" cuts examples across rows.
+    strategy = getattr(args, "packing_strategy", "bfd")
+    if getattr(args, "packing", False) and strategy == "wrapped":
         raise NSLoRAConfigError(
-            "--packing cannot be combined with --nslora: accepted prompts are spliced into each "
-            "example at batch time, which packed sequences do not allow; drop --packing")
-    if getattr(args, "padding_free", False):
-        raise NSLoRAConfigError(
-            "--padding_free cannot be combined with --nslora (same reason as packing); drop it")
+            "--packing_strategy wrapped cannot be combined with --nslora: it cuts examples across "
+            "packed rows and keeps no boundaries, so accepted prompts cannot be spliced into each "
+            "example; use --packing_strategy bfd (the default) or drop --packing")
     workers = getattr(args, "dataloader_num_workers", 0) or 0
     if workers > 0:
         raise NSLoRAConfigError(
