@@ -45,6 +45,18 @@ dtype: 2 for bf16/fp16, 4 for fp32):
                probe = weights + adapter + optimizer + KV cache + NLL logits (+ overhead each).
   editor LLM   0 on this card: the editor is an external OpenAI-compatible endpoint.
 
+Several GPUs (`--gpus N --shard fsdp|zero3|none`, or `--accelerate-config PATH` to read them from an
+accelerate config): the table is per rank. FSDP and ZeRO-3 shard the base weights, the adapter, its
+gradients and the optimizer states: each /N. Each rank keeps whole what it computes itself: its
+activations and logits (per_device_train_batch_size is per rank), and the probe's KV cache and NLL
+logits for its share of the probe rows, min(probe_batch_size, ceil(probe_size / N)) rows. Sharded
+forwards (training and the probe's generation alike) all-gather one unit at a time; counted:
+the largest unit (embeddings or lm_head, in c) + 2 decoder layers (the current one, the prefetched
+next one). With parameter offload (fsdp_offload_params, ZeRO-3 offload_param_device: cpu) the
+shards live in CPU RAM and count 0 on the GPU. `--shard none` with N > 1 is DDP: every rank holds
+everything, only the probe rows are split. Loading (4-bit quantization before sharding) can peak
+higher than the steady state estimated here.
+
 Expect the real peak within about +-20%: kernels, attention implementation and allocator
 behaviour move it. Lower `per_device_train_batch_size` / `max_length` for the training peak and
 `nslora_probe_batch_size` for the probe peak.
@@ -60,7 +72,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["ModelShape", "TrainSettings", "MemoryEstimate", "PRESETS", "resolve_model",
-           "shape_from_config", "estimate", "format_table", "settings_from_trl_config", "main"]
+           "shape_from_config", "estimate", "format_table", "settings_from_trl_config",
+           "settings_from_accelerate_config", "main"]
 
 GiB = 1024 ** 3
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,6 +132,7 @@ class ModelShape:
 # Published architecture numbers (config.json of each family's base model).
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
     ModelShape("llama-3-8b", 4096, 32, 32, 8, 14336, 128256),          # Llama 3 / 3.1 8B
+    ModelShape("llama-3-70b", 8192, 80, 64, 8, 28672, 128256),         # Llama 3 / 3.1 / 3.3 70B
     ModelShape("llama-2-7b", 4096, 32, 32, 32, 11008, 32000),
     ModelShape("mistral-7b", 4096, 32, 32, 8, 14336, 32768),           # v0.3 (v0.1/0.2: 32000)
     ModelShape("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
@@ -130,6 +144,7 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in (
 # Hub ids (lower case, any org) -> preset
 _ALIASES: tuple[tuple[str, str], ...] = (
     (r"llama-?3(\.\d)?-8b", "llama-3-8b"),
+    (r"llama-?3(\.\d)?-70b", "llama-3-70b"),
     (r"llama-?2-7b", "llama-2-7b"),
     (r"mistral-7b", "mistral-7b"),
     (r"qwen2(\.5)?-7b", "qwen2.5-7b"),
@@ -212,6 +227,27 @@ class TrainSettings:
     probe_max_new_tokens: int = 96
     gpu_gib: float = 24.0
     lm_head: str = "full"              # "full" logits, or "fused" (TRL >= 1.16 SFTTrainer)
+    num_ranks: int = 1                 # GPUs / processes in all, every machine together
+    shard: str = "none"                # "fsdp", "zero3" (weights, adapter, grads, optimizer / N) or "none"
+    offload_params: bool = False       # sharded weights (+ adapter) in CPU RAM (FSDP / ZeRO-3 offload)
+    offload_optimizer: bool = False    # gradients + optimizer states in CPU RAM
+    probe_size: int | None = None      # probe rows in all (nslora_probe_size), split across the ranks
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard in ("fsdp", "zero3")
+
+    @property
+    def multi(self) -> bool:
+        """Is this a per-rank estimate (several ranks, or a sharding strategy given)?"""
+        return self.num_ranks > 1 or self.sharded
+
+    def probe_rows_per_rank(self) -> int:
+        """Rows one rank generates at once: its share of the probe rows, batched."""
+        if self.probe_size is None or not self.multi:
+            return self.probe_batch_size
+        share = -(-self.probe_size // self.num_ranks)
+        return max(1, min(self.probe_batch_size, share))
 
     def targets(self) -> list[str]:
         t = self.target_modules
@@ -251,7 +287,13 @@ class MemoryEstimate:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "settings": asdict(self.settings),
+        extra = ({"per_rank": True, "num_ranks": self.settings.num_ranks, "shard": self.settings.shard}
+                 if self.settings.multi else {})
+        settings = asdict(self.settings)
+        if not self.settings.multi:  # one GPU: the settings as before the per-rank keys existed
+            for key in ("num_ranks", "shard", "offload_params", "offload_optimizer", "probe_size"):
+                settings.pop(key)
+        return {"model": asdict(self.model), "settings": settings, **extra,
                 "params": self.params, "trainable_params": self.trainable_params,
                 "components_gib": {n: round(b / GiB, 3) for n, b, _ in self.rows},
                 "train_peak_gib": round(self.train_peak / GiB, 3),
@@ -270,37 +312,69 @@ def _quant_bytes_per_param(bits: int, double_quant: bool) -> float:
     raise ValueError(f"weight bits must be 4, 8, 16 or 32, got {bits}")
 
 
+def _check_ranks(s: TrainSettings) -> None:
+    if not isinstance(s.num_ranks, int) or s.num_ranks < 1:
+        raise ValueError(f"--gpus (number of ranks) must be a whole number >= 1, got {s.num_ranks!r}")
+    if s.shard not in ("none", "fsdp", "zero3"):
+        raise ValueError(f"--shard {s.shard!r}: use fsdp, zero3 or none")
+    if s.probe_size is not None and s.probe_size < 1:
+        raise ValueError(f"--probe-size must be >= 1, got {s.probe_size}")
+
+
 def estimate(model: ModelShape, s: TrainSettings) -> MemoryEstimate:
+    _check_ranks(s)
     m, c = model, s.compute_bytes
     counts = m.param_counts()
+    n = s.num_ranks if s.sharded else 1            # the divisor of the sharded terms
+    per = f" / {n} ranks ({'FSDP' if s.shard == 'fsdp' else 'ZeRO-3'} shard)" if s.sharded else ""
+
+    def on_gpu(value: float, offloaded: bool) -> float:
+        return 0.0 if (s.sharded and offloaded) else value / n
+
+    def where(offloaded: bool) -> str:
+        return (f" / {n} ranks, in CPU RAM (offload)" if s.sharded and offloaded else per)
     est = MemoryEstimate(model=m, settings=s, params=m.num_params)
     dense_bytes = c if s.weight_bits in (4, 8) else s.weight_bits / 8
     linear_w = counts["linear"] * _quant_bytes_per_param(s.weight_bits, s.double_quant)
     other_w = (counts["embeddings"] + counts["lm_head"] + counts["norms_and_biases"]) * dense_bytes
     quant = {4: "NF4" + (" + double quant" if s.double_quant else ""), 8: "int8"}.get(
         s.weight_bits, f"{s.weight_bits}-bit")
-    est.rows.append(("base weights", linear_w + other_w,
+    weights = on_gpu(linear_w + other_w, s.offload_params)
+    est.rows.append(("base weights", weights,
                      f"{counts['linear'] / 1e9:.2f}B linear params in {quant}, "
                      f"{(m.num_params - counts['linear']) / 1e9:.2f}B embeddings/head/norms in "
-                     f"{int(dense_bytes * 8)}-bit"))
+                     f"{int(dense_bytes * 8)}-bit{where(s.offload_params)}"))
 
     shapes = m.linear_shapes()
     targets = s.targets()
     if s.lora_r > 0:
         trainable = s.lora_r * sum(sum(shapes[t]) for t in targets) * m.num_layers
         grad_bytes = 4.0
-        est.rows.append(("LoRA adapter", trainable * 4.0,
+        est.rows.append(("LoRA adapter", on_gpu(trainable * 4.0, s.offload_params),
                          f"r={s.lora_r} on {','.join(targets) if len(targets) < 7 else 'all-linear'}: "
-                         f"{trainable / 1e6:.1f}M params x 4 B (fp32)"))
+                         f"{trainable / 1e6:.1f}M params x 4 B (fp32){where(s.offload_params)}"))
     else:
         trainable = m.num_params
         grad_bytes = dense_bytes
     est.trainable_params = trainable
-    gradients = trainable * grad_bytes
-    est.rows.append(("gradients", gradients, f"{trainable / 1e6:.1f}M x {grad_bytes:g} B"))
-    opt = trainable * optimizer_bytes(s.optimizer)
+    gradients = on_gpu(trainable * grad_bytes, s.offload_optimizer)
+    est.rows.append(("gradients", gradients, f"{trainable / 1e6:.1f}M x {grad_bytes:g} B"
+                     f"{where(s.offload_optimizer)}"))
+    opt = on_gpu(trainable * optimizer_bytes(s.optimizer), s.offload_optimizer)
     est.rows.append(("optimizer states", opt,
-                     f"{s.optimizer}: {optimizer_bytes(s.optimizer):g} B x {trainable / 1e6:.1f}M"))
+                     f"{s.optimizer}: {optimizer_bytes(s.optimizer):g} B x {trainable / 1e6:.1f}M"
+                     f"{where(s.offload_optimizer)}"))
+    gathered = 0.0
+    if s.sharded:  # the units a sharded forward holds whole for a moment
+        layer = (counts["linear"] * _quant_bytes_per_param(s.weight_bits, s.double_quant)
+                 + counts["norms_and_biases"] * dense_bytes) / m.num_layers
+        if s.lora_r > 0:
+            layer += trainable * 4.0 / m.num_layers
+        biggest = max(counts["embeddings"], counts["lm_head"]) * dense_bytes
+        gathered = biggest + 2 * layer
+        est.rows.append(("all-gathered layers", gathered,
+                         f"largest unit (embeddings/lm_head {biggest / GiB:.2f} GiB) + 2 decoder layers "
+                         f"({layer / GiB:.2f} GiB each: current + prefetched), whole on every rank"))
 
     # activations
     tokens = s.batch_size * s.seq_len
@@ -331,20 +405,23 @@ def estimate(model: ModelShape, s: TrainSettings) -> MemoryEstimate:
     else:
         raise ValueError(f"lm_head {s.lm_head!r}: use 'full' or 'fused'")
 
-    # NSLoRA probe
+    # NSLoRA probe (per rank: this rank's share of the probe rows)
     probe_tokens = s.probe_prompt_len + s.probe_max_new_tokens
-    kv = 2 * m.num_layers * m.kv_dim * probe_tokens * s.probe_batch_size * c
+    rows = s.probe_rows_per_rank()
+    share = (f" (this rank's rows: {s.probe_size} / {s.num_ranks} ranks, batched by "
+             f"{s.probe_batch_size})" if s.multi and s.probe_size is not None else "")
+    kv = 2 * m.num_layers * m.kv_dim * probe_tokens * rows * c
     est.rows.append(("probe KV cache", kv,
-                     f"batch {s.probe_batch_size} x ({s.probe_prompt_len} + {s.probe_max_new_tokens}) "
-                     f"tokens x {m.num_layers} layers x 2 x kv {m.kv_dim}"))
-    nll = s.probe_batch_size * probe_tokens * m.vocab_size * (c + 8)
+                     f"batch {rows} x ({s.probe_prompt_len} + {s.probe_max_new_tokens}) "
+                     f"tokens x {m.num_layers} layers x 2 x kv {m.kv_dim}{share}"))
+    nll = rows * probe_tokens * m.vocab_size * (c + 8)
     est.rows.append(("probe reference-NLL logits", nll,
-                     f"batch {s.probe_batch_size} x {probe_tokens} tokens x V x {c + 8} B"))
+                     f"batch {rows} x {probe_tokens} tokens x V x {c + 8} B"))
     est.rows.append(("editor LLM", 0.0, "offloaded to editor_base_url (no memory on this card)"))
 
-    static = linear_w + other_w + (trainable * 4.0 if s.lora_r > 0 else 0.0) + opt
-    train_transient = gradients + activations + logits
-    probe_transient = kv + nll
+    static = weights + (est.row("LoRA adapter") if s.lora_r > 0 else 0.0) + opt
+    train_transient = gradients + activations + logits + gathered
+    probe_transient = kv + nll + gathered
     overhead_train = 0.75 * GiB + 0.1 * train_transient
     overhead_probe = 0.75 * GiB + 0.1 * probe_transient
     est.rows.append(("CUDA context + allocator slack", max(overhead_train, overhead_probe),
@@ -359,23 +436,76 @@ def format_table(est: MemoryEstimate) -> str:
     lines = [f"model {m.name}: {est.params / 1e9:.2f}B params (h={m.hidden_size}, L={m.num_layers}, "
              f"heads={m.num_heads}/{m.num_kv_heads} kv, I={m.intermediate_size}, V={m.vocab_size}"
              f"{', tied embeddings' if m.tie_embeddings else ''})",
+             *([_rank_line(s)] if s.multi else []),
              "", f"{'component':<32}{'GiB':>8}  how", "-" * 100]
     for name, value, how in est.rows:
         lines.append(f"{name:<32}{value / GiB:>8.2f}  {how}")
     lines.append("-" * 100)
+    gathered = " + gathered layers" if s.sharded else ""
     lines.append(f"{'peak during a training step':<32}{est.train_peak / GiB:>8.2f}  "
-                 "weights + adapter + optimizer + gradients + activations + logits + slack")
+                 f"weights + adapter + optimizer + gradients + activations + logits{gathered} + slack")
     lines.append(f"{'peak during an NSLoRA probe':<32}{est.probe_peak / GiB:>8.2f}  "
-                 "weights + adapter + optimizer + KV cache + NLL logits + slack")
+                 f"weights + adapter + optimizer + KV cache + NLL logits{gathered} + slack")
     verdict = "fits" if est.fits else "DOES NOT FIT"
-    lines.append(f"{'total (peak)':<32}{est.total / GiB:>8.2f}  {verdict} in {s.gpu_gib:g} GiB "
+    each = " per GPU" if s.multi else ""
+    lines.append(f"{'total (peak)':<32}{est.total / GiB:>8.2f}  {verdict} in {s.gpu_gib:g} GiB{each} "
                  f"({s.gpu_gib - est.total / GiB:+.2f} GiB headroom)")
     if not est.fits:
         bigger = "probe" if est.probe_peak > est.train_peak else "training step"
         tip = ("lower nslora_probe_batch_size / nslora_probe_max_new_tokens" if bigger == "probe"
                else "lower the batch size or max_length, turn on gradient checkpointing, or load in 4-bit")
+        if s.multi and not s.sharded:
+            tip += ", or shard the model (--shard fsdp / zero3)"
+        elif s.sharded:
+            tip += ", or add GPUs"
         lines.append(f"the {bigger} is the peak: {tip}")
     return "\n".join(lines)
+
+
+def _rank_line(s: TrainSettings) -> str:
+    how = {"fsdp": "FSDP: weights, adapter, gradients, optimizer sharded",
+           "zero3": "ZeRO-3: weights, adapter, gradients, optimizer partitioned",
+           "none": "DDP: a full copy on every rank"}[s.shard]
+    off = [w for w, on in (("parameters", s.offload_params), ("optimizer", s.offload_optimizer)) if on]
+    return (f"per rank: {s.num_ranks} rank{'s' if s.num_ranks != 1 else ''} ({how}"
+            f"{'; offloaded to CPU: ' + ' + '.join(off) if off and s.sharded else ''}); "
+            f"activations, logits and the probe are each rank's own")
+
+
+def settings_from_accelerate_config(path: str | Path) -> dict[str, Any]:
+    """TrainSettings keyword arguments (num_ranks, shard, offload, checkpointing) from an accelerate
+    config YAML (recipes/accelerate/*.yaml)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{path}: not an accelerate config (a YAML mapping)")
+    kind = str(cfg.get("distributed_type", "NO")).upper()
+    out: dict[str, Any] = {"num_ranks": int(cfg.get("num_processes") or 1)}
+    if kind == "FSDP":
+        fsdp = {k.removeprefix("fsdp_"): v for k, v in (cfg.get("fsdp_config") or {}).items()}
+        out["shard"] = "fsdp"
+        offload = str(fsdp.get("offload_params", False)).lower() in ("true", "1", "yes")
+        out["offload_params"] = out["offload_optimizer"] = offload
+        if str(fsdp.get("activation_checkpointing", False)).lower() in ("true", "1", "yes"):
+            out["gradient_checkpointing"] = True
+    elif kind == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config") or {}
+        if ds.get("deepspeed_config_file"):
+            raise ValueError(f"{path}: reads its DeepSpeed settings from a JSON file; give --shard zero3 "
+                             "--gpus N instead")
+        stage = int(ds.get("zero_stage", 0))
+        if stage != 3:
+            raise ValueError(f"{path}: ZeRO stage {stage}: the estimate knows stage 3 (--shard zero3) "
+                             "and plain data parallel (--shard none)")
+        out["shard"] = "zero3"
+        out["offload_params"] = str(ds.get("offload_param_device", "none")).lower() not in ("none", "")
+        out["offload_optimizer"] = str(ds.get("offload_optimizer_device", "none")).lower() not in ("none", "")
+    elif kind in ("MULTI_GPU", "NO"):
+        out["shard"] = "none"
+    else:
+        raise ValueError(f"{path}: distributed_type {kind}: use FSDP, DEEPSPEED (ZeRO-3) or MULTI_GPU")
+    return out
 
 
 # ---------------------------------------------------------------------------------- TRL YAML
@@ -401,6 +531,7 @@ def settings_from_trl_config(path: str | Path) -> tuple[str | None, dict[str, An
                      ("per_device_train_batch_size", "batch_size"), ("max_length", "seq_len"),
                      ("gradient_checkpointing", "gradient_checkpointing"),
                      ("nslora_probe_batch_size", "probe_batch_size"),
+                     ("nslora_probe_size", "probe_size"),
                      ("nslora_probe_max_new_tokens", "probe_max_new_tokens")):
         if cfg.get(src) is not None and not (src == "lora_r" and out.get("lora_r") == 0):
             out[dst] = cfg[src]
@@ -452,7 +583,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--probe-batch-size", type=int, default=None)
     p.add_argument("--probe-prompt-len", type=int, default=None)
     p.add_argument("--probe-max-new-tokens", type=int, default=None)
+    p.add_argument("--probe-size", type=int, default=None,
+                   help="probe rows in all (nslora_probe_size); with several ranks each probes its share")
     p.add_argument("--gpu-gib", type=float, default=None, help="card memory (default 24)")
+    p.add_argument("--gpus", "--num-processes", dest="gpus", type=int, default=None,
+                   help="ranks in all, every machine together (accelerate's --num_processes): the "
+                        "table is then per rank")
+    p.add_argument("--shard", choices=("fsdp", "zero3", "none"), default=None,
+                   help="fsdp / zero3: weights, adapter, gradients and optimizer states / N per rank; "
+                        "none: DDP, a full copy per rank (default with --gpus)")
+    p.add_argument("--accelerate-config", default=None,
+                   help="an accelerate config YAML (recipes/accelerate/*.yaml): ranks, sharding, "
+                        "offload and FSDP activation checkpointing from it; flags given here win")
     p.add_argument("--use-cpu", action="store_true",
                    help="the run trains on a CPU: check that its precision is not emulated there")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -473,6 +615,22 @@ def run(args: argparse.Namespace) -> int:
     if not model:
         print("nslora doctor: error: give --model (or --config with model_name_or_path)")
         return 2
+    if args.gpus is not None and args.gpus < 1:
+        print(f"nslora doctor: error: --gpus must be >= 1 (ranks in all), got {args.gpus}")
+        return 2
+    if args.probe_size is not None and args.probe_size < 1:
+        print(f"nslora doctor: error: --probe-size must be >= 1, got {args.probe_size}")
+        return 2
+    if args.accelerate_config:
+        try:
+            kwargs.update(settings_from_accelerate_config(args.accelerate_config))
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"nslora doctor: error: --accelerate-config: {exc}")
+            return 2
+    if args.shard in ("fsdp", "zero3") and args.gpus is None and "num_ranks" not in kwargs:
+        print(f"nslora doctor: error: --shard {args.shard} needs --gpus N (ranks in all) or "
+              "--accelerate-config")
+        return 2
     flags = {"weight_bits": args.weight_bits, "double_quant": args.double_quant,
              "lora_r": args.lora_r, "target_modules": args.target_modules,
              "lora_dropout": args.lora_dropout, "optimizer": args.optimizer,
@@ -480,7 +638,8 @@ def run(args: argparse.Namespace) -> int:
              "gradient_checkpointing": args.gradient_checkpointing,
              "probe_batch_size": args.probe_batch_size, "probe_prompt_len": args.probe_prompt_len,
              "probe_max_new_tokens": args.probe_max_new_tokens, "gpu_gib": args.gpu_gib,
-             "lm_head": args.lm_head}
+             "lm_head": args.lm_head, "probe_size": args.probe_size, "num_ranks": args.gpus,
+             "shard": args.shard}
     if args.compute_dtype:
         flags["compute_bytes"] = 4 if args.compute_dtype == "float32" else 2
     kwargs.update({k: v for k, v in flags.items() if v is not None})
