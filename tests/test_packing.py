@@ -305,3 +305,32 @@ def test_trl_padding_free_run_trains_on_the_accepted_edit(tokenizer, tmp_path):
     # TRL: padding_free without packing does not enforce max_length, so it wants max_length=None
     stats = run_and_check(tokenizer, tmp_path, padding_free=True, max_length=None)
     assert stats["packed_rows"] == 0  # ordinary examples, flattened by TRL's collator after the splice
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: `axolotl train` with sample_packing: true (Axolotl's venv, see tests/test_axolotl.py)
+# ------------------------------------------------------------------------------------------------
+
+from test_axolotl import axolotl_venv, workdir  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.slow
+def test_axolotl_sample_packing_run_trains_on_the_accepted_edit(axolotl_venv, workdir):
+    """The committed CPU LoRA recipe, shortened as in test_axolotl.py, with `sample_packing: true`
+    (and `pad_to_sequence_len: true`, as Axolotl recommends with it): the multipack sampler packs
+    the examples, the first check's edit is accepted, and the packs after it are spliced."""
+    import yaml
+
+    from test_axolotl import _axolotl_train, _check_symbolic_run, _short_recipe
+
+    config = _short_recipe(workdir, "smollm2-lora-cpu.yaml", "packed")
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(sample_packing=True, pad_to_sequence_len=True)
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, output = _axolotl_train(axolotl_venv, workdir, config)
+    assert code == 0, output[-5000:]
+    _check_symbolic_run(workdir / "packed", output)
+    stats = load_artifacts(workdir / "packed").state["collator"]
+    print("collator stats:", stats)
+    # the batches were packs of several examples (swapped > 0 is checked above)
+    assert stats["packed_rows"] > 0 and stats["examples"] > stats["packed_rows"], stats

@@ -14,7 +14,7 @@ fields below become top-level YAML keys. Two spellings are accepted:
 A before-validator turns the mapping into the flat keys, validates every setting with
 `NSLoRAConfig` (so the rules and messages are the core's, re-worded to name the YAML key), rejects
 misspelled `nslora_*` keys (Axolotl itself drops unknown keys silently) and the Axolotl settings
-NSLoRA cannot work with (sample packing, collation in worker processes, RL trainers).
+NSLoRA cannot work with (collation in worker processes, RL trainers).
 
 This module itself imports pydantic and the core config only, so it can be used and tested
 without Axolotl installed (the package `__init__` then defines a plugin that explains how to
@@ -199,11 +199,8 @@ def _check_axolotl_settings(data: Mapping[str, Any], config: NSLoRAConfig,
             raise NSLoRAConfigError(
                 f"{origin.get(name, PREFIX + name)}: file {path!r} does not exist (relative paths "
                 f"are read from the working directory, {str(Path.cwd())!r})")
-    if data.get("sample_packing"):
-        raise NSLoRAConfigError(
-            "sample_packing: true cannot be combined with nslora: true — accepted prompts are "
-            "spliced into each example at batch time, which packed batches do not allow; set "
-            "sample_packing: false")
+    # sample_packing: true is fine: the multipack sampler hands the collator one list of examples
+    # per pack, and NSLoRA splices each of them before Axolotl's collator concatenates the pack.
     workers = data.get("dataloader_num_workers")
     if workers not in (None, 0):
         raise NSLoRAConfigError(
