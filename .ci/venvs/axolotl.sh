@@ -5,28 +5,37 @@
 #
 # Axolotl pins its own transformers / trl / peft / accelerate / datasets, which differ from the
 # main dev environment, so the adapter gets a venv of its own:
-#   1. Python 3.11 venv at DEST (axolotl 0.19.0 is the newest release for Python 3.11);
-#   2. `pip install torch==2.13.0` first (a CPU build here; a bare `torch` requirement can pull a
-#      multi-GB CUDA build), then axolotl==0.19.0 constrained to that torch;
+#   1. a venv at DEST on the Python the Axolotl release needs: 3.12 for the default axolotl 0.21.0
+#      (0.20 and later require Python >= 3.12), 3.11 for axolotl 0.19.0 (the newest for 3.11);
+#   2. `pip install torch==2.13.0` first, then axolotl constrained to that torch. On Python 3.11
+#      this machine has a local CPU wheel of torch; on 3.12 pip takes PyPI's build, which brings
+#      CUDA libraries (about 3 GB more; it runs on CPU all the same). For the CPU build elsewhere,
+#      set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (or NSLORA_TORCH_SPEC);
 #   3. this repository, editable and without dependencies, plus the few dependencies of ours that
 #      Axolotl does not bring (pluggy, textgrad, rich, pyyaml, openai, bitsandbytes), constrained by
 #      a freeze of the venv so they cannot move any of Axolotl's pins.
 #
-# Repeatable and fast: .ci/venvs/axolotl.lock.txt (next to this script) holds the exact versions of
-# a build that passed these checks; every pip step uses it as a constraint, so pip's resolver has
-# nothing to search (an open resolution of step 3 once backtracked for 7 minutes). Refresh it from
-# a fresh build with NSLORA_VENV_NO_LOCK=1:
-#   { head -1 .ci/venvs/axolotl.lock.txt; DEST/bin/python -m pip freeze --exclude-editable \
-#     | grep -v -i -e '^nslora-plugin' -e '^torch=='; } > new.lock && mv new.lock .ci/venvs/axolotl.lock.txt
+# Repeatable and fast: a lock file next to this script holds the exact versions of a build that
+# passed these checks, one per tested release:
+#   axolotl==0.21.0 (default)  .ci/venvs/axolotl.lock.txt        (Python 3.12)
+#   axolotl==0.19.0            .ci/venvs/axolotl-0.19.lock.txt   (Python 3.11)
+# Every pip step uses it as a constraint, so pip's resolver has nothing to search (an open
+# resolution once backtracked for 862 s). Any other NSLORA_AXOLOTL_SPEC resolves without a lock.
+# Refresh a lock from a fresh build with NSLORA_VENV_NO_LOCK=1 (LOCK = the file above):
+#   { head -1 LOCK; DEST/bin/python -m pip freeze --exclude-editable \
+#     | grep -v -i -e '^nslora-plugin' -e '^torch=='; } > new.lock && mv new.lock LOCK
 #
-# Idempotent: a finished venv carries a marker holding a fingerprint of this script and of
-# pyproject.toml; when it matches, the script only re-checks imports (about a second) and exits.
-# A half-built DEST (no marker) is resumed: pip skips what is already installed.
+# Idempotent: a finished venv carries a marker holding a fingerprint of this script, of
+# pyproject.toml, of the lock file and of the specs; when it matches, the script only re-checks
+# imports (about a second) and exits. A half-built DEST (no marker) is resumed: pip skips what is
+# already installed. A DEST on the wrong Python is refused (remove it and rerun).
 #
 # Environment knobs:
-#   NSLORA_PYTHON        interpreter to build from (default: python3.11 on PATH, else pyenv's 3.11)
+#   NSLORA_AXOLOTL_SPEC  axolotl requirement (default axolotl==0.21.0; axolotl==0.19.0 builds the
+#                        previous tested release on Python 3.11, with its own lock file)
+#   NSLORA_PYTHON        interpreter to build from (default: python3.12 -- or python3.11 for
+#                        0.19.0 -- on PATH if it runs, else that version from `pyenv root`)
 #   NSLORA_TORCH_SPEC    torch requirement (default torch==2.13.0; CUDA users: their own build)
-#   NSLORA_AXOLOTL_SPEC  axolotl requirement (default axolotl==0.19.0)
 #   NSLORA_VENV_FORCE=1  rebuild the Python side even if the marker matches
 #   NSLORA_VENV_NO_LOCK=1 ignore the lock file (resolve afresh within Axolotl's pins)
 set -euo pipefail
@@ -41,16 +50,21 @@ mkdir -p "$1"
 DEST="$(cd "$1" && pwd)"
 MARKER="$DEST/.nslora-venv-complete"
 TORCH_SPEC="${NSLORA_TORCH_SPEC:-torch==2.13.0}"
-AXOLOTL_SPEC="${NSLORA_AXOLOTL_SPEC:-axolotl==0.19.0}"
+AXOLOTL_SPEC="${NSLORA_AXOLOTL_SPEC:-axolotl==0.21.0}"
 EXTRAS=(pluggy textgrad rich pyyaml openai bitsandbytes)
-LOCK="$REPO/.ci/venvs/axolotl.lock.txt"
-if [[ "${NSLORA_VENV_NO_LOCK:-0}" == 1 || ! -f "$LOCK" || "$AXOLOTL_SPEC" != "axolotl==0.19.0" ]]; then LOCK=""; fi
+# The Python each tested release needs and its lock file; any other spec: Python 3.12, no lock.
+case "$AXOLOTL_SPEC" in
+  axolotl==0.19.0) PY_WANT=3.11; LOCK="$REPO/.ci/venvs/axolotl-0.19.lock.txt" ;;
+  axolotl==0.21.0) PY_WANT=3.12; LOCK="$REPO/.ci/venvs/axolotl.lock.txt" ;;
+  *)               PY_WANT=3.12; LOCK="" ;;
+esac
+if [[ "${NSLORA_VENV_NO_LOCK:-0}" == 1 || ( -n "$LOCK" && ! -f "$LOCK" ) ]]; then LOCK=""; fi
 
 fingerprint() {
   {
     cat "${BASH_SOURCE[0]}" "$REPO/pyproject.toml"
     [[ -n "$LOCK" ]] && cat "$LOCK"
-    echo "$TORCH_SPEC $AXOLOTL_SPEC"
+    echo "$TORCH_SPEC $AXOLOTL_SPEC $PY_WANT"
   } | sha256sum | cut -d' ' -f1
 }
 FP="$(fingerprint)"
@@ -74,13 +88,16 @@ fi
 
 find_python() {
   if [[ -n "${NSLORA_PYTHON:-}" ]]; then echo "$NSLORA_PYTHON"; return; fi
-  if command -v python3.11 >/dev/null 2>&1; then command -v python3.11; return; fi
+  # A pyenv shim is on PATH even when its version is not selected, and then fails: try running it.
+  if command -v "python$PY_WANT" >/dev/null 2>&1 && "python$PY_WANT" -c '' >/dev/null 2>&1; then
+    command -v "python$PY_WANT"; return
+  fi
   local root
   root="$( (pyenv root 2>/dev/null) || echo "$HOME/.pyenv")"
-  for candidate in "$root"/versions/3.11*/bin/python3.11; do
+  for candidate in "$root"/versions/"$PY_WANT".*/bin/python"$PY_WANT"; do
     if [[ -x "$candidate" ]]; then echo "$candidate"; return; fi
   done
-  echo "[axolotl venv] no Python 3.11 found: set NSLORA_PYTHON=/path/to/python3.11" >&2
+  echo "[axolotl venv] no Python $PY_WANT found: set NSLORA_PYTHON=/path/to/python$PY_WANT" >&2
   exit 1
 }
 
@@ -92,8 +109,8 @@ if [[ ! -x "$DEST/bin/python" ]]; then
   "$PYTHON" -m venv "$DEST"
 fi
 VERSION="$("$DEST/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-if [[ "$VERSION" != "3.11" ]]; then
-  echo "[axolotl venv] $DEST has Python $VERSION; axolotl 0.19.0 needs 3.11. Remove it and rerun." >&2
+if [[ "$VERSION" != "$PY_WANT" ]]; then
+  echo "[axolotl venv] $DEST has Python $VERSION; $AXOLOTL_SPEC needs $PY_WANT. Remove it and rerun." >&2
   exit 1
 fi
 PIP=("$DEST/bin/python" -m pip --disable-pip-version-check --no-input)
