@@ -7,10 +7,10 @@
 # main dev environment, so the adapter gets a venv of its own:
 #   1. a venv at DEST on the Python the Axolotl release needs: 3.12 for the default axolotl 0.21.0
 #      (0.20 and later require Python >= 3.12), 3.11 for axolotl 0.19.0 (the newest for 3.11);
-#   2. `pip install torch==2.13.0` first, then axolotl constrained to that torch. On Python 3.11
-#      this machine has a local CPU wheel of torch; on 3.12 pip takes PyPI's build, which brings
-#      CUDA libraries (about 3 GB more; it runs on CPU all the same). For the CPU build elsewhere,
-#      set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (or NSLORA_TORCH_SPEC);
+#   2. `pip install torch==2.13.0` first, then axolotl constrained to that torch. The CI machine
+#      has a local CPU wheel of torch for Python 3.11 only; on 3.12 pip takes PyPI's build, which
+#      brings CUDA libraries (7 GB venv instead of 4.4; it runs on CPU all the same). For the CPU
+#      build, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (or NSLORA_TORCH_SPEC);
 #   3. this repository, editable and without dependencies, plus the few dependencies of ours that
 #      Axolotl does not bring (pluggy, textgrad, rich, pyyaml, openai, bitsandbytes), constrained by
 #      a freeze of the venv so they cannot move any of Axolotl's pins.
@@ -19,8 +19,8 @@
 # passed these checks, one per tested release:
 #   axolotl==0.21.0 (default)  .ci/venvs/axolotl.lock.txt        (Python 3.12)
 #   axolotl==0.19.0            .ci/venvs/axolotl-0.19.lock.txt   (Python 3.11)
-# Every pip step uses it as a constraint, so pip's resolver has nothing to search (an open
-# resolution once backtracked for 862 s). Any other NSLORA_AXOLOTL_SPEC resolves without a lock.
+# Every pip step uses it as a constraint, so pip's resolver has nothing to search (an unlocked
+# build once took 862 s, 7 minutes of it backtracking). Any other NSLORA_AXOLOTL_SPEC: no lock.
 # Refresh a lock from a fresh build with NSLORA_VENV_NO_LOCK=1 (LOCK = the file above):
 #   { head -1 LOCK; DEST/bin/python -m pip freeze --exclude-editable \
 #     | grep -v -i -e '^nslora-plugin' -e '^torch=='; } > new.lock && mv new.lock LOCK
