@@ -77,6 +77,7 @@ class NSLoRACallback(TrainerCallback):
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
         warn_cpu_precision(args)
+        self._join_ranks(model)
         if getattr(args, "dataloader_num_workers", 0):
             log.warning("NSLoRA: dataloader_num_workers=%s — collation runs in worker processes that "
                         "do not see prompt edits; set it to 0 for edits to reach training",
@@ -94,8 +95,11 @@ class NSLoRACallback(TrainerCallback):
             wrap_collate_fn(train_dataloader,
                             lambda base: self.loop.wrap_collator(base, max_length=max_length))
         self._hook_handle = model.register_forward_hook(self._capture_loss)
+        self._with_ranks(lambda: self._start(model, resumed_step, state.is_world_process_zero), model)
+
+    def _start(self, model: Any, resumed_step: int | None, is_main: bool) -> None:
         self.loop.start(model, resumed_step=resumed_step)
-        if state.is_world_process_zero:  # what the run was trained with, for the report and card
+        if is_main:  # what the run was trained with, for the report and card
             from .artifacts import package_versions
 
             self.loop.artifacts.write_json("versions.json", package_versions())
@@ -105,7 +109,21 @@ class NSLoRACallback(TrainerCallback):
                         self.loop.artifacts.path(name).unlink(missing_ok=True)
                     except OSError:  # a read-only folder is reported by the writes, not here
                         pass
-        self._sync_ranks(args)
+
+    def _join_ranks(self, model: Any) -> None:
+        """Detect the world and the model's sharding; refuse what is not supported, naming the
+        setting to change (`ranks.sharding_problem`)."""
+        from .ranks import Ranks, sharding_problem
+
+        ranks = Ranks.detect(model)
+        problem = sharding_problem(ranks)
+        if problem:
+            raise RuntimeError(f"NSLoRA: {problem}")
+        self.loop.evaluator.ranks = ranks
+        if ranks.several and ranks.is_main:
+            log.info("NSLoRA: %d ranks%s; each probes its share of the %d probe rows", ranks.world_size,
+                     f" ({ranks.sharding} sharded parameters)" if ranks.sharding else "",
+                     len(self.loop.examples))
 
     def _capture_loss(self, module: Any, inputs: Any, output: Any) -> None:
         if not module.training:
@@ -127,22 +145,31 @@ class NSLoRACallback(TrainerCallback):
         self._pending_losses.clear()
         # batches trained on so far: a checkpoint's collator state goes back to the next one
         self.loop.trained_batches = state.global_step * max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
-        due = self.loop.check_due(state.global_step)
-        self.loop.after_step(state.global_step, model)
-        if due:
-            self._sync_ranks(args)
+        if self.loop.check_due(state.global_step):
+            self._with_ranks(lambda: self.loop.after_step(state.global_step, model), model)
+        else:
+            self.loop.after_step(state.global_step, model)
 
-    def _sync_ranks(self, args: Any) -> None:
-        """Every rank adopts the main process's prompt, augmented rows and router state at the
-        same step (only the main process probes and calls the editor; the others wait here)."""
-        import torch.distributed as dist
+    def _with_ranks(self, work: Any, model: Any) -> Any:
+        """Run `work` (a start, a due check, the end) on every rank together (`ranks.py`): rank 0
+        does it, sending the probe rows to every rank to answer their share; the others serve
+        those requests, then adopt rank 0's prompt, augmented rows and router state, so every
+        rank trains on the same prompt from the same step."""
+        from .ranks import lead
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        box = [self.loop.shared_state() if self.loop.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        if not self.loop.is_main:
-            self.loop.adopt_shared_state(box[0])
+        loop = self.loop
+        ranks = loop.evaluator.ranks
+        if not ranks.several:
+            return work()
+        if ranks.is_main:
+            loop.evaluator.leading = True
+            try:
+                return lead(ranks, work, loop.shared_state)
+            finally:
+                loop.evaluator.leading = False
+        result = work()  # on these ranks the loop only keeps its monitor window
+        loop.adopt_shared_state(loop.evaluator.serve(model))
+        return result
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.loop is None or logs is None or not state.is_world_process_zero:
@@ -183,7 +210,7 @@ class NSLoRACallback(TrainerCallback):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
-        self.summary = self.loop.finish(model, state.global_step)
+        self.summary = self._with_ranks(lambda: self.loop.finish(model, state.global_step), model)
         if state.is_world_process_zero:
             self.loop.artifacts.write_jsonl("train_log.jsonl", list(state.log_history))
             if self.config.report:

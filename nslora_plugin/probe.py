@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from .chat import chat_messages, render
 from .config import NSLoRAConfig
+from .ranks import RankAbort, Ranks, generation_ready
 from .types import ProbeExample, ProbeReport, ProbeResult
 
 
@@ -49,6 +50,9 @@ class ProbeEvaluator:
         self.examples = list(examples)
         self.config = config
         self.pm = plugin_manager
+        self.ranks = Ranks()  # the world this evaluator answers in (set by the callback)
+        self.leading = False  # rank 0 inside a check, with the other ranks serving its requests
+        self.rows_answered = 0  # probe / generation rows this process ran through the model
 
     # ---------------------------------------------------------------- public
     def evaluate(self, model: Any, prompt: str | None, *, step: int, version: int) -> ProbeReport:
@@ -73,24 +77,75 @@ class ProbeEvaluator:
 
     # ---------------------------------------------------------------- model calls
     def generate(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
-        """Greedy replies to `questions` under `prompt` (batched, left padding)."""
-        return [reply for chunk in self._generated_chunks(model, prompt, questions)
-                for reply in chunk[0]]
+        """Greedy replies to `questions` under `prompt` (batched, left padding); on several
+        ranks, each rank answers its share."""
+        if self.leading and self.ranks.several:
+            self.ranks.broadcast(("generate", prompt, list(questions)))
+            return self._shared_generate(model, prompt, list(questions))
+        return self._generate_here(model, prompt, questions)
 
     def generate_and_score(self, model: Any, prompt: str | None,
                            examples: Sequence[ProbeExample]) -> tuple[list[str], list[float]]:
+        """Replies and reference NLLs of `examples`; on several ranks, each rank scores its share
+        and rank 0 gets every row back in order."""
+        if self.leading and self.ranks.several:
+            self.ranks.broadcast(("probe", prompt, list(examples)))
+            return self._shared_generate_and_score(model, prompt, list(examples))
+        return self._generate_and_score_here(model, prompt, examples)
+
+    def serve(self, model: Any) -> Any:
+        """On a rank other than 0: answer rank 0's probe and generation requests with this rank's
+        share until rank 0 says "done"; return what it shared (`ranks.py` has the protocol)."""
+        while True:
+            kind, payload, *rest = self.ranks.broadcast(None)
+            if kind == "probe":
+                self._shared_generate_and_score(model, payload, rest[0])
+            elif kind == "generate":
+                self._shared_generate(model, payload, rest[0])
+            elif kind == "done":
+                return payload
+            elif kind == "abort":
+                raise RankAbort(f"NSLoRA: rank 0's check failed ({payload}); rank "
+                                f"{self.ranks.rank} stops too")
+            else:  # pragma: no cover - a protocol error is a bug, not an input error
+                raise RuntimeError(f"NSLoRA: unknown request {kind!r} from rank 0")
+
+    def _shared_generate_and_score(self, model: Any, prompt: str | None,
+                                   examples: list[ProbeExample]) -> tuple[list[str], list[float]]:
+        mine = self.ranks.share(len(examples))
+        replies, nlls = self._generate_and_score_here(model, prompt, [examples[i] for i in mine],
+                                                      reuse_cache=not self.ranks.sharded)
+        rows = _in_order(self.ranks.gather(list(zip(mine, replies, nlls))), len(examples))
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def _shared_generate(self, model: Any, prompt: str | None, questions: list[str]) -> list[str]:
+        mine = self.ranks.share(len(questions))
+        replies = self._generate_here(model, prompt, [questions[i] for i in mine])
+        return [r[0] for r in _in_order(self.ranks.gather(list(zip(mine, replies))), len(questions))]
+
+    def _generate_here(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
+        self.rows_answered += len(questions)
+        return [reply for chunk in self._generated_chunks(model, prompt, questions)
+                for reply in chunk[0]]
+
+    def _generate_and_score_here(self, model: Any, prompt: str | None,
+                                 examples: Sequence[ProbeExample], *,
+                                 reuse_cache: bool = True) -> tuple[list[str], list[float]]:
         """Replies and reference NLLs in one pass per batch: the reference is scored on the KV
         cache of the prompt that generation already built, so only its own tokens go through the
         model (the prompt, most of each row, is not encoded twice). Falls back to a separate
-        full pass for a batch whose cache cannot be reused."""
+        full pass for a batch whose cache cannot be reused. Without `reuse_cache` (sharded
+        parameters: every rank must run the same forwards) the full pass is always taken."""
         replies: list[str] = []
         nlls: list[float] = []
         size = self.config.probe_batch_size
-        chunks = self._generated_chunks(model, prompt, [e.question for e in examples], keep_cache=True)
+        self.rows_answered += len(examples)
+        chunks = self._generated_chunks(model, prompt, [e.question for e in examples],
+                                        keep_cache=reuse_cache)
         for i, (texts, enc, cache) in enumerate(chunks):
             replies.extend(texts)
             batch = examples[i * size:(i + 1) * size]
-            scored = self._nll_on_cache(model, prompt, batch, enc, cache)
+            scored = self._nll_on_cache(model, prompt, batch, enc, cache) if reuse_cache else None
             nlls.extend(scored if scored is not None else self.reference_nll(model, prompt, batch))
         return replies, nlls
 
@@ -113,11 +168,11 @@ class ProbeEvaluator:
                 tok.padding_side = old_side
             enc = {k: v.to(device) for k, v in enc.items()}
             stop = answer_stopping_criteria(tok, self.config, enc["input_ids"].shape[1])
-            with eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad(), generation_ready(model, self.ranks) as extra:
                 out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id,
                                      use_cache=True, stopping_criteria=stop,
-                                     return_dict_in_generate=True)
+                                     return_dict_in_generate=True, **extra)
             new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
             replies = [o.strip() for o in tok.batch_decode(new_tokens, skip_special_tokens=True)]
             # transformers >= 5.2x calls the output's cache `cache`, older releases `past_key_values`
@@ -191,6 +246,18 @@ class ProbeEvaluator:
                 chunk = rows[s:s + self.config.probe_batch_size]
                 nlls.extend(_chunk_nll(model, chunk, pad, device))
         return nlls
+
+
+def _in_order(gathered: Sequence[tuple[Any, ...]], count: int) -> list[tuple[Any, ...]]:
+    """The gathered `(row index, *answers)` tuples as a list of answers in row order (a padded
+    share repeats a row: its first answer is kept)."""
+    by_row: dict[int, tuple[Any, ...]] = {}
+    for index, *answers in gathered:
+        by_row.setdefault(int(index), tuple(answers))
+    missing = [i for i in range(count) if i not in by_row]
+    if missing:  # pragma: no cover - every row is in some rank's share
+        raise RuntimeError(f"NSLoRA: probe rows {missing[:5]} came back from no rank")
+    return [by_row[i] for i in range(count)]
 
 
 def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:

@@ -71,7 +71,6 @@ def test_flat_and_mapping_forms_validate_to_the_same_keys(probe_file):
     ({"nslora": {"check_every": "often"}}, ["nslora.check_every", "integer"]),
     ({"nslora_chek_every": 3}, ["nslora_chek_every", "Did you mean 'nslora_check_every'"]),
     ({"nslora_editor": "gpt"}, ["nslora_editor", "'textgrad', 'constraint', 'demonstrations', 'none'"]),
-    ({"sample_packing": True}, ["sample_packing", "nslora"]),
     ({"dataloader_num_workers": 2}, ["dataloader_num_workers: 2", "set dataloader_num_workers: 0"]),
     ({"rl": "dpo"}, ["rl: dpo"]),
     ({"nslora_probe_path": "missing.jsonl"}, ["nslora_probe_path", "missing.jsonl", "does not exist"]),

@@ -41,6 +41,8 @@ def test_two_processes_share_one_prompt(tmp_path, default_model_dir):
     # both ranks spliced the accepted prompt into their own batches
     assert all(r["collator"]["swapped"] > 0 and r["collator"]["no_span"] == 0 for r in results)
     assert results[0]["collator"]["swapped"] == results[1]["collator"]["swapped"]
+    # every rank probes its share of the rows (rank 0 does not generate the whole set alone)
+    assert all(r["rows_answered"] > 0 for r in results)
 
     arts = load_artifacts(out)
     kinds = [d["kind"] for d in arts.decisions]

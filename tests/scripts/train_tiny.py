@@ -13,13 +13,27 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
 from nslora_plugin import NSLoRAConfig  # noqa: E402
 from nslora_plugin.data import make_word_problems  # noqa: E402
+from nslora_plugin.hookspecs import hookimpl  # noqa: E402
 from nslora_plugin.integrations.trl import attach  # noqa: E402
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer  # noqa: E402
+
+
+class FailingRouter:
+    """A router plugin that raises at one check (rank 0 decides; the other ranks must not hang)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl(tryfirst=True)
+    def nslora_route(self, signal, report, labels, config, run):
+        if run.step == self.step:
+            raise RuntimeError(f"router failed on purpose at step {self.step}")
 
 
 class KillAt(TrainerCallback):
@@ -34,6 +48,10 @@ class KillAt(TrainerCallback):
 
 
 def main() -> None:
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        import cpu_fsdp
+
+        cpu_fsdp.install()
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("tokenizer")
@@ -41,6 +59,7 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--max-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=3)
+    p.add_argument("--fail-at-check", type=int, default=None)
     a = p.parse_args()
     tok = load_tokenizer(Path(a.tokenizer))
     rows = make_word_problems(70, seed=11)
@@ -50,13 +69,18 @@ def main() -> None:
                        probe_max_new_tokens=6, answer_format=ANSWER_FORMAT,
                        format_instruction=FORMAT_INSTRUCTION, nll_threshold=100.0,
                        gate_tie_break="accept", max_symbolic_rounds=1, monitor_window=2)
-    cb = attach(trainer, cfg, probe=rows[64:])
+    plugins = [FailingRouter(a.fail_at_check)] if a.fail_at_check is not None else []
+    cb = attach(trainer, cfg, probe=rows[64:], plugins=plugins)
     if a.kill_at_step is not None:
         trainer.add_callback(KillAt(a.kill_at_step))
     trainer.train(resume_from_checkpoint=a.resume)
     result = {"rank": int(os.environ.get("RANK", 0)), "prompt": cb.loop.prompt_state.current,
               "version": cb.loop.prompt_state.version, "steps": trainer.state.global_step,
-              "collator": dict(cb.loop.collator.stats), "main": cb.loop.is_main}
+              "collator": dict(cb.loop.collator.stats), "main": cb.loop.is_main,
+              "sharding": cb.loop.evaluator.ranks.sharding,
+              "world_size": cb.loop.evaluator.ranks.world_size,
+              "rows_answered": cb.loop.evaluator.rows_answered,
+              "dtensor_params": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())}
     print("NSLORA_RESULT " + json.dumps(result), flush=True)
 
 
