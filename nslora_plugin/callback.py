@@ -155,21 +155,10 @@ class NSLoRACallback(TrainerCallback):
         does it, sending the probe rows to every rank to answer their share; the others serve
         those requests, then adopt rank 0's prompt, augmented rows and router state, so every
         rank trains on the same prompt from the same step."""
-        from .ranks import lead
+        from .ranks import run_together
 
         loop = self.loop
-        ranks = loop.evaluator.ranks
-        if not ranks.several:
-            return work()
-        if ranks.is_main:
-            loop.evaluator.leading = True
-            try:
-                return lead(ranks, work, loop.shared_state)
-            finally:
-                loop.evaluator.leading = False
-        result = work()  # on these ranks the loop only keeps its monitor window
-        loop.adopt_shared_state(loop.evaluator.serve(model))
-        return result
+        return run_together(loop.evaluator, model, work, loop.shared_state, loop.adopt_shared_state)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.loop is None or logs is None or not state.is_world_process_zero:

@@ -190,3 +190,23 @@ def lead(ranks: Ranks, work: Callable[[], Any], shared: Callable[[], Any]) -> An
     if ranks.several:
         ranks.broadcast(("done", shared()))
     return result
+
+
+def run_together(evaluator: Any, model: Any, work: Callable[[], Any], shared: Callable[[], Any],
+                 adopt: Callable[[Any], None]) -> Any:
+    """Run `work` (a start, a due check, the end of training) on every rank of
+    `evaluator.ranks` together: rank 0 runs it with its evaluator leading (its probes become
+    requests every rank answers), the others run it too (the loop does nothing there but keep
+    its monitor window), then serve rank 0's requests and `adopt` what it shares when done."""
+    ranks = evaluator.ranks
+    if not ranks.several:
+        return work()
+    if ranks.is_main:
+        evaluator.leading = True
+        try:
+            return lead(ranks, work, shared)
+        finally:
+            evaluator.leading = False
+    result = work()
+    adopt(evaluator.serve(model))
+    return result

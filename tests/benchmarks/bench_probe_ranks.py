@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     from nslora_plugin.data import load_probe_examples, make_word_problems
     from nslora_plugin.plugins import make_plugin_manager
     from nslora_plugin.probe import ProbeEvaluator
-    from nslora_plugin.ranks import Ranks, lead
+    from nslora_plugin.ranks import Ranks, run_together
 
     PartialState(cpu=True)  # joins the torchrun world over gloo (or stays one process)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -51,12 +51,9 @@ def worker(args: argparse.Namespace) -> None:
     for rep in range(args.reps):
         ranks.broadcast(("sync", None))  # every rank starts the probe together
         start = time.perf_counter()
-        if ranks.is_main:
-            evaluator.leading = True
-            lead(ranks, lambda: evaluator.evaluate(model, SYSTEM, step=rep, version=0), lambda: None)
-            evaluator.leading = False
-        elif ranks.several:
-            evaluator.serve(model)
+        run_together(evaluator, model,
+                     lambda: evaluator.evaluate(model, SYSTEM, step=rep, version=0) if ranks.is_main else None,
+                     lambda: None, lambda shared: None)
         times.append(time.perf_counter() - start)
     if ranks.is_main:
         print("BENCH " + json.dumps({"world": ranks.world_size, "times": times,
