@@ -31,6 +31,17 @@ from .monitor import trainable_grad_norm
 log = logging.getLogger("nslora")
 
 
+
+def length_limit(args: Any) -> int | None:
+    """The trainer's own cap on a training row's tokens, under its framework's name (TRL's
+    `max_length`, Axolotl's `max_seq_length` or `sequence_len`): rows whose prompt an edit made
+    longer are truncated to it again."""
+    for name in ("max_length", "max_seq_length", "sequence_len"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
 class NSLoRACallback(TrainerCallback):
     def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
                  tokenizer: Any = None, plugins: Sequence[Any] = (), console: Any = None,
@@ -70,8 +81,7 @@ class NSLoRACallback(TrainerCallback):
         pool = load_probe_examples(self.pool_source, id_prefix="pool-") \
             if self.pool_source is not None else []
         output = Path(self.config.output_dir or Path(args.output_dir) / ARTIFACT_DIR)
-        max_length = (self.max_length or getattr(args, "max_length", None)
-                      or getattr(args, "sequence_len", None))
+        max_length = self.max_length or length_limit(args)
         self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, pool=pool, output_dir=output,
                                       max_length=max_length,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,

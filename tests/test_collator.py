@@ -128,3 +128,16 @@ def test_rows_that_break_the_format_keep_the_initial_prompt(tok):
     collator_all = NSLoRACollator(lambda f: f, tok, state)
     out = collator_all([{"input_ids": list(compliant)}, {"input_ids": list(plain)}])
     assert out[1]["input_ids"] == encode(tok, NEW, answer="2 + 3 = 5.")[0]
+
+
+def test_the_length_cap_is_read_under_each_frameworks_name():
+    """TRL names it `max_length`, Axolotl's training args `max_seq_length` (its YAML
+    `sequence_len`): rows an edit made longer are cut back to whichever the trainer has."""
+    from types import SimpleNamespace
+
+    from nslora_plugin.callback import length_limit
+
+    assert length_limit(SimpleNamespace(max_length=512)) == 512
+    assert length_limit(SimpleNamespace(max_length=None, max_seq_length=2048)) == 2048
+    assert length_limit(SimpleNamespace(sequence_len=1024)) == 1024
+    assert length_limit(SimpleNamespace(max_length=None)) is None

@@ -367,3 +367,28 @@ def test_manual_fix_keeps_the_instruction_when_it_is_hidden_from_the_editors():
     assert cfg.format_instruction is None and cfg.answer_format == task.answer_format
     _, prompt = baseline_rows("lora_instruction", task, cfg)
     assert prompt.endswith(task.format_instruction)
+
+
+def test_textgrad_with_the_local_backend_needs_no_server(tiny_model_dir, tmp_path):
+    """`--editor textgrad --editor-backend local`: the editor model runs in-process (the trained
+    model's folder by default), no `transformers serve` is started, and every update call the
+    editor made is counted under the textgrad editor."""
+    from nslora_plugin.cli import main
+
+    out = tmp_path / "local"
+    code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                 "--arms", "symbolic", "--editor", "textgrad", "--editor-backend", "local",
+                 "--hide-format-rule", "--max-steps", "4", "--check-every", "2", "--entities", "3",
+                 "--probe-size", "4", "--max-new-tokens", "6", "--batch-size", "4",
+                 "--no-baseline", "--max-symbolic-rounds", "1"])
+    assert code == 0
+    assert not (out / "editor-server.log").exists()
+    result = json.loads((out / "compare.json").read_text())
+    cfg = result["settings"]["nslora_config"]
+    assert cfg["editor_backend"] == "local" and cfg["editor_model"]
+    arm_cfg = json.loads((out / "symbolic" / "nslora" / "config.json").read_text())
+    assert arm_cfg["editor_backend"] == "local" and arm_cfg["format_instruction"] is None
+    symbolic = result["arms"]["symbolic"]
+    assert symbolic["editor_calls"] >= 1  # the in-process editor was called
+    tg = symbolic["editors"].get("textgrad", {"proposed": 0, "unusable": 0})
+    assert tg["proposed"] + tg["unusable"] >= 1

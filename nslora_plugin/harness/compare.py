@@ -97,6 +97,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="constraint: the deterministic editor (fast, no LLM); textgrad: an editor LLM "
                         "(--editor-base-url, else `transformers serve` on the model is started); "
                         "demonstrations: worked examples from the pool (needs --pool-size)")
+    p.add_argument("--editor-backend", choices=("openai", "local"), default="openai",
+                   help="with --editor textgrad: 'openai' calls an OpenAI-compatible endpoint "
+                        "(--editor-base-url, else `transformers serve` on the model); 'local' runs "
+                        "the editor model in-process (--editor-model, default the trained model's "
+                        "folder) and starts each update reply with TextGrad's opening tag")
     p.add_argument("--editor-base-url", default=None)
     p.add_argument("--editor-model", default=None)
     p.add_argument("--max-symbolic-rounds", type=int, default=2, help="editor budget per arm")
@@ -293,6 +298,7 @@ def build_config(args: argparse.Namespace, task: Task, output_dir: Path) -> NSLo
         task.config_overrides(), check_every=check_every, monitor_window=max(check_every // 2, 2),
         probe_size=len(task.probe), probe_max_new_tokens=args.max_new_tokens, probe_batch_size=16,
         editor=args.editor, editor_base_url=args.editor_base_url, editor_model=args.editor_model,
+        editor_backend=getattr(args, "editor_backend", "openai"),
         editor_batch_size=1, editor_max_tokens=200, editor_timeout=90.0,
         max_symbolic_rounds=args.max_symbolic_rounds, seed=args.seed,
         output_dir=str(output_dir / "nslora"))
@@ -352,7 +358,10 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     from .demo import editor_endpoint
 
-    server_args = argparse.Namespace(no_editor_llm=args.editor != "textgrad",
+    local_editor = getattr(args, "editor_backend", "openai") == "local"
+    if local_editor and not args.editor_model:
+        args.editor_model = str(model_path)
+    server_args = argparse.Namespace(no_editor_llm=args.editor != "textgrad" or local_editor,
                                      editor_base_url=args.editor_base_url, editor_model=args.editor_model)
     result: dict[str, Any] = {}
     with editor_endpoint(server_args, model_path, output_dir, console) as (base_url, editor_model):
@@ -516,9 +525,13 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     return out
 
 
+UNUSABLE_REPLY_FAULTS = ("EditorNoTags", "EditorEmptyReply", "EditorUnsafeCandidate",
+                         "EditorOverlongCandidate", "message")
+
+
 def editor_counts(edits: Sequence[dict[str, Any]], faults: dict[str, int]) -> dict[str, Any]:
     """Per editor: candidates that reached the gate, accepted ones and their mean reward change,
-    and replies that gave no usable candidate (no tags, template tokens, too long)."""
+    and replies that gave no usable candidate (empty, no tags, template tokens, too long)."""
     out: dict[str, dict[str, Any]] = {}
     for e in edits:
         name = str(e.get("editor", "?")).split(":")[0]
@@ -529,8 +542,7 @@ def editor_counts(edits: Sequence[dict[str, Any]], faults: dict[str, int]) -> di
             c["reward_change"].append(e["reward_after"] - e["reward_before"])
     for kind, n in faults.items():
         where, _, error = kind.partition(":")
-        if where in ("textgrad", "demonstrations") and error in ("EditorNoTags", "EditorUnsafeCandidate",
-                                                                  "EditorOverlongCandidate", "message"):
+        if where in ("textgrad", "demonstrations") and error in UNUSABLE_REPLY_FAULTS:
             out.setdefault(where, {"proposed": 0, "accepted": 0, "unusable": 0, "reward_change": []})
             out[where]["unusable"] += n
     for c in out.values():
