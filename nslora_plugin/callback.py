@@ -31,7 +31,6 @@ from .monitor import trainable_grad_norm
 log = logging.getLogger("nslora")
 
 
-
 def length_limit(args: Any) -> int | None:
     """The trainer's own cap on a training row's tokens, under its framework's name (TRL's
     `max_length`, Axolotl's `max_seq_length` or `sequence_len`): rows whose prompt an edit made
@@ -41,6 +40,7 @@ def length_limit(args: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
 
 class NSLoRACallback(TrainerCallback):
     def __init__(self, config: NSLoRAConfig | dict | str | None = None, *, probe: Any = None,
