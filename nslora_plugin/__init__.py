@@ -13,21 +13,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from .artifacts import NSLoRAArtifacts, load_artifacts
-from .config import NSLoRAConfig, NSLoRAConfigError
+from nslora_plugin.core.artifacts import NSLoRAArtifacts, load_artifacts
+from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError
+from nslora_plugin.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["NSLoRAConfig", "NSLoRAConfigError", "NSLoRACallback", "attach", "load_artifacts",
-           "NSLoRAArtifacts", "__version__"]
+           "NSLoRAArtifacts", "hookimpl", "load_for_inference", "generate", "__version__"]
+
+#: Public names whose modules import transformers: loaded on first use.
+_LAZY = {
+    "NSLoRACallback": "nslora_plugin.trainer.callback",
+    "attach": "nslora_plugin.trainer.callback",
+    "load_for_inference": "nslora_plugin.apps.tools.inference",
+    "generate": "nslora_plugin.apps.tools.inference",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "NSLoRACallback":
-        from .callback import NSLoRACallback
+    if name in _LAZY:
+        import importlib
 
-        return NSLoRACallback
-    if name == "attach":
-        from .callback import attach
-
-        return attach
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'nslora_plugin' has no attribute {name!r}")

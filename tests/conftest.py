@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from nslora_plugin.tools.serve import EditorServer
+    from nslora_plugin.apps.tools.serve import EditorServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def default_model_dir(model_cache_dir: Path) -> Path:
     conversion is what gets exercised, and the result is the same on every machine. About 20 s the
     first time, instant once cached.
     """
-    from nslora_plugin.tools.models import ensure_default_model
+    from nslora_plugin.apps.tools.models import ensure_default_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
@@ -59,7 +59,7 @@ def editor_server(
     Shared by the whole session: do not stop it in a test (start your own ``EditorServer`` for
     that). Its log is kept under pytest's temp folder for post-mortems.
     """
-    from nslora_plugin.tools.serve import EditorServer
+    from nslora_plugin.apps.tools.serve import EditorServer
 
     log_path = tmp_path_factory.mktemp("editor-server") / "server.log"
     with EditorServer(default_model_dir, log_path=log_path) as server:

@@ -41,7 +41,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nslora_plugin.hookspecs import hookimpl
+from nslora_plugin.core.hookspecs import hookimpl
 
 OPTIMIZER_MARK = "<IMPROVED_VARIABLE>"
 BACKWARD_MARK = "gradient (feedback) engine"
@@ -285,8 +285,8 @@ def round_loop(tokenizer: Any, folder: Any, config: Any, rows: list[dict[str, An
                model: Any = None) -> tuple[Any, Any]:
     """A started `NeurosymbolicLoop` on a tiny model, no trainer: `loop.check(step, model)` runs
     one real check (probe → router → editor → gate → artifacts)."""
-    from nslora_plugin.data import load_probe_examples
-    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.core.data import load_probe_examples
+    from nslora_plugin.core.loop import NeurosymbolicLoop
     from tiny import tiny_model
 
     loop = NeurosymbolicLoop(config, tokenizer, load_probe_examples(rows), output_dir=folder)

@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.card import BEGIN, END, write_card_section
+from nslora_plugin.trainer.card import BEGIN, END, write_card_section
 from nslora_plugin.integrations.trl import save_artifacts
 
 from tiny import FORMAT_INSTRUCTION, SYSTEM, run_from_base_folder

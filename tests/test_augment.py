@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nslora_plugin import NSLoRAConfig
-from nslora_plugin.plugins import make_plugin_manager
-from nslora_plugin.types import ProbeExample, ProbeReport, ProbeResult
+from nslora_plugin.core.registry import make_plugin_manager
+from nslora_plugin.core.records import ProbeExample, ProbeReport, ProbeResult
 
 from types import SimpleNamespace
 
@@ -38,7 +38,7 @@ def test_rows_come_from_failures_and_fixed_examples():
 
 
 def test_holdout_share_keeps_a_seeded_part_of_the_probe_out_of_training():
-    from nslora_plugin.augment import holdout_ids
+    from nslora_plugin.builtins.augment import holdout_ids
 
     ids = [f"e{i}" for i in range(10)]
     held = holdout_ids(ids, 0.3, seed=4)

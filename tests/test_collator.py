@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nslora_plugin.collator import (NSLoRACollator, find_subsequence, prompt_span_ids,
+from nslora_plugin.core.collator import (NSLoRACollator, find_subsequence, prompt_span_ids,
                                     template_default_system_prompt)
-from nslora_plugin.chat import chat_messages, render
-from nslora_plugin.prompt_state import PromptCandidate, PromptState
+from nslora_plugin.core.chat import chat_messages, render
+from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
 
 from tiny import SYSTEM, load_tokenizer
 
@@ -112,7 +112,7 @@ def test_spliced_examples_respect_the_trainers_max_length(tok):
 def test_rows_that_break_the_format_keep_the_initial_prompt(tok):
     """With a `reply_ok` check (prompt_swap: compliant), a reply that ignores the format the
     edited prompt asks for is not paired with that prompt; a compliant one is."""
-    from nslora_plugin.rewards import format_compliant
+    from nslora_plugin.core.answers import format_compliant
 
     compliant, _ = encode(tok, SYSTEM, answer="2 + 3 = 5.\nAnswer: 5")
     plain, _ = encode(tok, SYSTEM, answer="2 + 3 = 5.")
@@ -135,7 +135,7 @@ def test_the_length_cap_is_read_under_each_frameworks_name():
     `sequence_len`): rows an edit made longer are cut back to whichever the trainer has."""
     from types import SimpleNamespace
 
-    from nslora_plugin.callback import length_limit
+    from nslora_plugin.trainer.callback import length_limit
 
     assert length_limit(SimpleNamespace(max_length=512)) == 512
     assert length_limit(SimpleNamespace(max_length=None, max_seq_length=2048)) == 2048

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.harness.compare import router_accuracy
-from nslora_plugin.rewards import format_compliant
-from nslora_plugin.harness.tasks import (
+from nslora_plugin.apps.harness.compare import router_accuracy
+from nslora_plugin.core.answers import format_compliant
+from nslora_plugin.apps.harness.tasks import (
     FINAL_FORMAT,
     failure_kind,
     load_jsonl_task,
@@ -126,7 +126,7 @@ def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
 
 
 def test_verdict_pools_the_labels_of_every_arm():
-    from nslora_plugin.harness.compare import verdict
+    from nslora_plugin.apps.harness.compare import verdict
 
     def arm(acc, confusion):
         return {"held_out": {"accuracy": acc},
@@ -160,7 +160,7 @@ def tiny_model_dir(default_model_dir, tmp_path_factory):
 
 
 def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_path, capsys):
-    from nslora_plugin.cli import main
+    from nslora_plugin.apps.cli import main
 
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
@@ -201,7 +201,7 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
 
 def test_fair_arms_seeds_and_splits(tiny_model_dir, tmp_path, capsys):
     """The fair baselines, a pool apart from the gate split, two seeds and a paired interval."""
-    from nslora_plugin.cli import main
+    from nslora_plugin.apps.cli import main
 
     out = tmp_path / "fair"
     arms = "lora,lora_instruction,lora_instruction_all,fixed,neurosymbolic"
@@ -245,8 +245,8 @@ def test_fair_arms_seeds_and_splits(tiny_model_dir, tmp_path, capsys):
 
 
 def test_baseline_rows_write_the_instruction_where_the_reply_follows_it():
-    from nslora_plugin.harness.compare import baseline_rows, build_parser, build_config
-    from nslora_plugin.harness.tasks import make_facts_task
+    from nslora_plugin.apps.harness.compare import baseline_rows, build_parser, build_config
+    from nslora_plugin.apps.harness.tasks import make_facts_task
 
     task = make_facts_task(3, probe_size=4, pool_size=3)
     cfg = build_config(build_parser().parse_args([]), task, Path("unused"))
@@ -261,7 +261,7 @@ def test_baseline_rows_write_the_instruction_where_the_reply_follows_it():
 
 
 def test_paired_bootstrap_interval_brackets_the_difference():
-    from nslora_plugin.harness.compare import paired_bootstrap
+    from nslora_plugin.apps.harness.compare import paired_bootstrap
 
     a = [{str(i): int(i < 6) for i in range(10)}, {str(i): int(i < 7) for i in range(10)}]
     b = [{str(i): int(i < 3) for i in range(10)}, {str(i): int(i < 3) for i in range(10)}]
@@ -272,8 +272,8 @@ def test_paired_bootstrap_interval_brackets_the_difference():
 
 
 def test_the_when_sweep_writes_a_table_and_a_plot(tiny_model_dir, tmp_path):
-    from nslora_plugin.cli import main
-    from nslora_plugin.harness.tasks import make_facts_task
+    from nslora_plugin.apps.cli import main
+    from nslora_plugin.apps.harness.tasks import make_facts_task
 
     given = make_facts_task(3, probe_size=4, context_share=1.0)
     assert all(r["fact_in_question"] and r["final_answer"] in r["question"] for r in given.held_out)
@@ -299,8 +299,8 @@ def test_the_when_sweep_writes_a_table_and_a_plot(tiny_model_dir, tmp_path):
 
 
 def test_a_learned_router_can_start_from_flipped_weights(tiny_model_dir, tmp_path):
-    from nslora_plugin.cli import main
-    from nslora_plugin.router import PRIOR_WEIGHTS
+    from nslora_plugin.apps.cli import main
+    from nslora_plugin.builtins.router import PRIOR_WEIGHTS
 
     out = tmp_path / "flipped"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
@@ -317,7 +317,7 @@ def test_a_learned_router_can_start_from_flipped_weights(tiny_model_dir, tmp_pat
 
 
 def test_compare_counts_candidates_per_editor(tiny_model_dir, tmp_path):
-    from nslora_plugin.cli import main
+    from nslora_plugin.apps.cli import main
 
     out = tmp_path / "demos"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
@@ -336,8 +336,8 @@ def test_hidden_format_rule_and_the_question_edit_ablation(tiny_model_dir, tmp_p
     """`--hide-format-rule`: the editors get only the reward's regex (the constraint editor then
     states the pattern), while the manual-fix arm still writes the task's instruction by hand;
     `neurosymbolic_questions` is neurosymbolic with question edits on."""
-    from nslora_plugin.cli import main
-    from nslora_plugin.harness.tasks import FINAL_INSTRUCTION
+    from nslora_plugin.apps.cli import main
+    from nslora_plugin.apps.harness.tasks import FINAL_INSTRUCTION
 
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
@@ -359,8 +359,8 @@ def test_hidden_format_rule_and_the_question_edit_ablation(tiny_model_dir, tmp_p
 
 
 def test_manual_fix_keeps_the_instruction_when_it_is_hidden_from_the_editors():
-    from nslora_plugin.harness.compare import baseline_rows, build_config, build_parser
-    from nslora_plugin.harness.tasks import make_facts_task
+    from nslora_plugin.apps.harness.compare import baseline_rows, build_config, build_parser
+    from nslora_plugin.apps.harness.tasks import make_facts_task
 
     task = make_facts_task(3, probe_size=4, pool_size=3)
     cfg = build_config(build_parser().parse_args(["--hide-format-rule"]), task, Path("unused"))
@@ -373,7 +373,7 @@ def test_textgrad_with_the_local_backend_needs_no_server(tiny_model_dir, tmp_pat
     """`--editor textgrad --editor-backend local`: the editor model runs in-process (the trained
     model's folder by default), no `transformers serve` is started, and every update call the
     editor made is counted under the textgrad editor."""
-    from nslora_plugin.cli import main
+    from nslora_plugin.apps.cli import main
 
     out = tmp_path / "local"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),

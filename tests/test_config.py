@@ -71,7 +71,7 @@ def test_core_import_pulls_in_no_framework() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, nslora_plugin, nslora_plugin.config, nslora_plugin.hookspecs;"
+    code = ("import sys, nslora_plugin, nslora_plugin.core.config, nslora_plugin.core.hookspecs;"
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'textgrad', 'datasets', "
             "'accelerate', 'axolotl', 'llamafactory') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from nslora_plugin import NSLoRAConfig, NSLoRAConfigError
-from nslora_plugin.artifacts import ArtifactStore
+from nslora_plugin.core.artifacts import ArtifactStore
 
 
 @pytest.mark.parametrize("value", [None, "none", "null", "~"])
@@ -57,7 +57,7 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_a_missing_probe_file_is_reported_before_training(tmp_path):
-    from nslora_plugin.callback import NSLoRACallback
+    from nslora_plugin.trainer.callback import NSLoRACallback
 
     with pytest.raises(NSLoRAConfigError, match="probe_path=.*no such file"):
         NSLoRACallback({"probe_path": str(tmp_path / "nope.jsonl")})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.config import CHECKS, NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.config import CHECKS, NSLoRAConfig, NSLoRAConfigError, config_fields
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from nslora_plugin import callback as callback_module
-from nslora_plugin import training
+from nslora_plugin.trainer import callback as callback_module
+from nslora_plugin.apps.harness import sft
+from nslora_plugin.trainer import precision as training
 
 
 @pytest.fixture()
@@ -33,7 +34,7 @@ def test_problem_named_only_where_precision_is_emulated(no_native_bf16, monkeypa
 
 
 def test_harness_config_is_fp32_on_cpu(tmp_path):
-    args = training.sft_config(tmp_path, max_steps=2, batch_size=2, learning_rate=1e-3)
+    args = sft.sft_config(tmp_path, max_steps=2, batch_size=2, learning_rate=1e-3)
     assert args.use_cpu and not args.bf16 and not args.fp16
     assert training.runs_on_cpu(args)
 
@@ -48,7 +49,7 @@ def test_callback_warns_once(no_native_bf16, monkeypatch, caplog):
 
 
 def test_doctor_says_the_same(no_native_bf16, tmp_path, capsys):
-    from nslora_plugin.tools.doctor import main
+    from nslora_plugin.apps.tools.doctor import main
 
     cfg = tmp_path / "cpu.yaml"
     cfg.write_text("model_name_or_path: llama-3-8b\nuse_cpu: true\n")  # bf16 unset: TRL's default, true

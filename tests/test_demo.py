@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nslora_plugin.harness.demo import build_parser, run_demo
+from nslora_plugin.apps.harness.demo import build_parser, run_demo
 from tiny import write_trl_workdir
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.tools.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table,
+from nslora_plugin.apps.tools.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table,
                                         main as doctor_main, resolve_model,
                                         settings_from_accelerate_config, settings_from_trl_config)
 

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from nslora_plugin import NSLoRAConfig, NSLoRAConfigError
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.editor.budget import Budget, EditorBudgetSpent, Usage
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.builtins.editors.budget import Budget, Usage
+from nslora_plugin.builtins.editors.errors import EditorBudgetSpent
 
 from fault_server import editor_config, round_loop
 
@@ -77,7 +78,7 @@ def test_run_call_budget_shrinks_the_batch_then_keeps_the_router_numerical(tmp_p
     for d in (second, third):
         assert d.action == "numerical"
         assert "no editor available (editor budget spent: 7/9 calls used" in d.reason
-    assert not loop.editing_available and loop.editor_budget_reason
+    assert not loop.editor_availability().available and loop.editor_availability().budget_spent
     logged = [r.getMessage() for r in caplog.records if "editor fault (budget)" in r.getMessage()]
     assert len(logged) == 1 and "the router stays numerical" in logged[0]
 
@@ -88,13 +89,13 @@ def test_run_call_budget_shrinks_the_batch_then_keeps_the_router_numerical(tmp_p
     assert summary["editor_usage"]["calls"] == 7 and summary["editor_usage"]["budget_spent"]
 
     # a resumed run (usage restored from state.json) starts with the budget spent
-    from nslora_plugin.data import load_probe_examples
-    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.core.data import load_probe_examples
+    from nslora_plugin.core.loop import NeurosymbolicLoop
 
     resumed = NeurosymbolicLoop(cfg, tokenizer, load_probe_examples(rows), output_dir=tmp_path / "resumed")
     resumed.pm.get_plugin("nslora.editor.textgrad").usage.load(state["usage"])
     resumed.start(model)
-    assert not resumed.llm_editor_ready and resumed.check(4, model).action == "numerical"
+    assert not resumed.editor_availability().llm_ready and resumed.check(4, model).action == "numerical"
     assert len(server.requests) == 7
 
 
@@ -104,7 +105,7 @@ def test_round_call_budget_limits_each_round(tmp_path, tokenizer, rows, server):
     loop.check(1, model)
     loop.check(2, model)
     assert len(server.requests) == 8  # two rounds of batch 1 (4 calls each)
-    assert loop.editing_available and loop.llm_editor_ready
+    assert loop.editor_availability().available and loop.editor_availability().llm_ready
 
 
 def test_token_budgets(tmp_path, tokenizer, rows, server, caplog):
@@ -117,7 +118,7 @@ def test_token_budgets(tmp_path, tokenizer, rows, server, caplog):
     fault = next(d for d in decisions(tmp_path / "round") if d["kind"] == "fault")
     assert "editor_max_tokens_per_round=900 would be passed" in fault["message"]
     assert loop.usage()["last_round"]["tokens"] <= 900
-    assert loop.prompt_state.version == 0 and loop.editing_available
+    assert loop.prompt_version == 0 and loop.editor_availability().available
 
     # per run: spent once the next call cannot fit; the router then stays numerical
     server.reset()
@@ -139,7 +140,7 @@ def test_seconds_budgets_cut_slow_calls(tmp_path, tokenizer, rows, server):
     assert loop.usage()["last_round"]["seconds"] < 2.0 and time.monotonic() - t0 < 10
     fault = next(d for d in decisions(tmp_path / "round") if d["kind"] == "fault")
     assert "editor_max_seconds_per_round=0.8 reached" in fault["message"]
-    assert loop.editing_available
+    assert loop.editor_availability().available
 
     # per run: once spent, the router stays numerical and says so
     server.reset(latency=0.3)

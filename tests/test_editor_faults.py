@@ -14,7 +14,7 @@ import json
 import pytest
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach
 
 from fault_server import FaultSchedule, FaultServer, editor_config
@@ -81,7 +81,7 @@ def test_faults_never_kill_a_run(scenario, tmp_path, tokenizer, rows, server, ca
     accepted = [c for c in arts.prompt_history if c["accepted"]]
     assert [c["editor"] for c in accepted] == ["initial", "textgrad"] and accepted[1]["step"] == 1
     assert arts.system_prompt == V1 and arts.prompt_version == 1
-    assert callback.loop.prompt_state.current == V1
+    assert callback.loop.prompt == V1
     assert all(c["step"] == 1 for c in arts.prompt_history[1:])  # no candidate from a faulty round
 
     # each fault: logged once with a clear message, and on record in the decision log

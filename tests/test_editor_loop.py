@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.editor.textgrad_editor import parse_tagged
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.builtins.editors.textgrad import parse_tagged
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.tools.serve import free_port
-from nslora_plugin.types import ProbeReport, ProbeResult
+from nslora_plugin.apps.tools.serve import free_port
+from nslora_plugin.core.records import ProbeReport, ProbeResult
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer
 
@@ -65,7 +65,7 @@ def test_textgrad_round_through_a_real_server(tmp_path, monkeypatch, tokenizer, 
         assert editors == ["constraint"]
     assert not (tmp_path / "logs").exists()
     assert list((tmp_path / "run" / "nslora" / "editor_logs").glob("*.jsonl"))
-    assert cb.loop.prompt_state.current == arts.system_prompt
+    assert cb.loop.prompt == arts.system_prompt
 
 
 def test_editor_down_at_start_never_kills_the_run(tmp_path, tokenizer, rows, caplog):
@@ -101,7 +101,7 @@ def _report(rewards: list[float], nll: float) -> ProbeReport:
 
 
 def test_gate_verdicts() -> None:
-    from nslora_plugin.loop import gate_verdict
+    from nslora_plugin.core.loop import gate_verdict
 
     cfg = NSLoRAConfig()
     assert gate_verdict(_report([0, 1], 1.0), _report([1, 1], 2.0), cfg)[0] is True   # reward up
@@ -119,7 +119,7 @@ def test_gate_verdicts() -> None:
 def test_transformers_serve_accepts_and_ignores_response_format(editor_server):
     """What the embedded editor does with structured output: the call succeeds (no refusal, so
     no fallback), and the reply is the model's free text — only the lenient parse helps it."""
-    from nslora_plugin.editor.engine import OpenAICompatibleClient
+    from nslora_plugin.builtins.editors.clients import OpenAICompatibleClient
 
     client = OpenAICompatibleClient(NSLoRAConfig(editor_base_url=editor_server.base_url,
                                                  editor_model=editor_server.model,

@@ -15,13 +15,13 @@ import os
 import pytest
 
 from nslora_plugin import NSLoRAConfig
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.editor.constraint_editor import (ConstraintEditor, constraint_statements,
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.builtins.editors.constraint import (ConstraintEditor, constraint_statements,
                                                     violated_constraints)
-from nslora_plugin.editor.engine import OpenAICompatibleClient
-from nslora_plugin.editor.textgrad_editor import TAGS, control_tokens, question_problem
-from nslora_plugin.rewards import BuiltinRewards
-from nslora_plugin.types import ProbeExample, ProbeResult
+from nslora_plugin.builtins.editors.clients import OpenAICompatibleClient
+from nslora_plugin.builtins.editors.textgrad import TAGS, control_tokens, question_problem
+from nslora_plugin.builtins.rewards import BuiltinRewards
+from nslora_plugin.core.records import ProbeExample, ProbeResult
 
 from fault_server import editor_config, round_loop
 from tiny import FORMAT_INSTRUCTION, SYSTEM
@@ -35,7 +35,7 @@ def rows():
 
 
 def edits(loop):
-    return [c for c in loop.prompt_state.history[1:]]
+    return [c for c in loop.prompt_history[1:]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def edits(loop):
 
 
 def test_logs_under_run_folder_global_engine_untouched(tmp_path, monkeypatch, tokenizer, rows, server):
-    from nslora_plugin.editor.textgrad_env import import_textgrad
+    from nslora_plugin.builtins.editors.textgrad_env import import_textgrad
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -130,14 +130,14 @@ def test_cache_under_run_folder_keyed_on_what_changes_an_answer(tmp_path, tokeni
 
     # the same round again (same prompt, same replies): answered from the cache; each run ends
     # before the next starts on the same folder (the folder's lock allows one run at a time)
-    loop.artifacts.unlock()
+    loop.close()
     loop2, model2 = round_loop(tokenizer, tmp_path / "run", editor_config(server), rows)
     loop2.check(1, model2)
     assert len(server.requests) == first and loop2.usage()["cached_calls"] == 10
     assert loop2.usage()["calls"] == 0
 
     # another temperature is another answer
-    loop2.artifacts.unlock()
+    loop2.close()
     loop3, model3 = round_loop(tokenizer, tmp_path / "run", editor_config(server, editor_temperature=0.5), rows)
     loop3.check(1, model3)
     assert len(server.requests) == 2 * first
@@ -147,7 +147,7 @@ def test_cache_under_run_folder_keyed_on_what_changes_an_answer(tmp_path, tokeni
     loop4.check(1, model4)
     assert not (tmp_path / "off" / "editor_cache").exists()
     # nor copied into checkpoints (the folder is run-local)
-    from nslora_plugin.artifacts import _NOT_COPIED
+    from nslora_plugin.core.artifacts import _NOT_COPIED
     assert "editor_cache" in _NOT_COPIED and "editor_logs" in _NOT_COPIED
 
 
@@ -178,9 +178,9 @@ def test_missing_tags_get_one_repair_then_the_old_prompt_stays(mode, tmp_path, t
     assert "did not contain the improved text" in repair and TAGS[0] in repair
     if mode == "notags_once":
         (edit,) = edits(loop)
-        assert edit.accepted and loop.prompt_state.current == server.improved
+        assert edit.accepted and loop.prompt == server.improved
     else:
-        assert edits(loop) == [] and loop.prompt_state.current == SYSTEM
+        assert edits(loop) == [] and loop.prompt == SYSTEM
         assert loop.faults["textgrad:EditorNoTags"] == 1
         assert any("EditorNoTags" in r.getMessage() and "IMPROVED_VARIABLE" in r.getMessage()
                    for r in caplog.records)
@@ -298,7 +298,7 @@ def test_question_edits_enter_training_data_only_when_the_model_still_answers(tm
 
     loop2.generate_one = replier
     loop2.check(1, model2)
-    assert asked and set(asked) == {loop2.prompt_state.current} and loop2.prompt_state.version == 1
+    assert asked and set(asked) == {loop2.prompt} and loop2.prompt_version == 1
     rows_q = [r for r in loop2.augmented if r["source"] == "question_edit"]
     assert len(rows_q) == 2
     for row in rows_q:
@@ -321,7 +321,7 @@ def test_litellm_backend_against_a_real_endpoint(tmp_path, monkeypatch, tokenize
                         editor_api_key_env=KEY_ENV, editor_batch_size=1, editor_temperature=0.2,
                         editor_cache=False)
     loop, model = round_loop(tokenizer, tmp_path / "run", cfg, rows)
-    assert loop.llm_editor_ready
+    assert loop.editor_availability().llm_ready
     loop.check(1, model)
     assert [c.editor for c in edits(loop)] == ["textgrad"]
     bodies = server.chat_bodies()
@@ -341,11 +341,11 @@ def test_litellm_backend_against_a_real_endpoint(tmp_path, monkeypatch, tokenize
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
     # down at start: one clear startup fault, the run goes on without the LLM editor
-    from nslora_plugin.tools.serve import free_port
+    from nslora_plugin.apps.tools.serve import free_port
 
     dead = cfg.replace(editor_base_url=f"http://127.0.0.1:{free_port()}/v1")
     down, _ = round_loop(tokenizer, tmp_path / "down", dead, rows, model=model)
-    assert not down.llm_editor_ready
+    assert not down.editor_availability().llm_ready
     assert down.editor_unavailable_reason.startswith("editor endpoint unreachable (EditorUnreachable")
 
 
@@ -353,7 +353,7 @@ def test_local_backend_runs_in_process(tmp_path, tokenizer, rows, default_model_
     cfg = editor_config(None, editor_backend="local", editor_model=str(default_model_dir),
                         editor_batch_size=1, probe_size=1, editor_max_tokens=12)
     loop, model = round_loop(tokenizer, tmp_path / "run", cfg, rows)
-    assert loop.llm_editor_ready
+    assert loop.editor_availability().llm_ready
     loop.check(1, model)
     usage = loop.usage()
     # 3B+1 calls and no repair: the update reply starts inside the opening tag; exact token counts
@@ -365,8 +365,8 @@ def test_local_backend_runs_in_process(tmp_path, tokenizer, rows, default_model_
 
 
 def test_local_backend_missing_model_fails_fast(tmp_path, tokenizer, rows):
-    from nslora_plugin.data import load_probe_examples
-    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.core.data import load_probe_examples
+    from nslora_plugin.core.loop import NeurosymbolicLoop
 
     cfg = NSLoRAConfig(system_prompt=SYSTEM, editor_backend="local",
                        editor_model=str(tmp_path / "nope"), on_editor_down="fail")
@@ -377,7 +377,7 @@ def test_local_backend_missing_model_fails_fast(tmp_path, tokenizer, rows):
                                          editor_model=None),
                              tokenizer, load_probe_examples(rows), output_dir=tmp_path / "run2")
     loop._start_editors()
-    assert not loop.llm_editor_ready and "editor_model is not set" in loop.editor_unavailable_reason
+    assert not loop.editor_availability().llm_ready and "editor_model is not set" in loop.editor_availability().reason
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def test_local_backend_missing_model_fails_fast(tmp_path, tokenizer, rows):
 
 
 def test_lenient_parse_finds_the_candidate_in_every_shape_small_models_write():
-    from nslora_plugin.editor.structured import as_tagged, parse_candidate
+    from nslora_plugin.builtins.editors.structured import as_tagged, parse_candidate
 
     cases = {
         "<IMPROVED_VARIABLE>Be brief.</IMPROVED_VARIABLE>": ("Be brief.", "tags"),
@@ -458,7 +458,7 @@ def test_structured_output_off_sends_textgrads_plain_request(tmp_path, tokenizer
 
 
 def test_local_backend_starts_the_update_reply_with_the_opening_tag(tokenizer, default_model_dir):
-    from nslora_plugin.editor.engine import LocalModelClient
+    from nslora_plugin.builtins.editors.clients import LocalModelClient
 
     cfg = NSLoRAConfig(editor_backend="local", editor_model=str(default_model_dir),
                        editor_max_tokens=6, editor_cache=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.inference import (generate, load_for_inference, set_default_system_prompt,
+from nslora_plugin.apps.tools.inference import (generate, load_for_inference, set_default_system_prompt,
                                      wrap_chat_template)
 from nslora_plugin.integrations.trl import save_artifacts
 
@@ -91,7 +91,7 @@ def test_wrapping_a_template_that_reads_the_system_message_itself():
 
 
 def test_nslora_generate_command(trained, capsys):
-    from nslora_plugin.cli import main
+    from nslora_plugin.apps.cli import main
 
     _, final = trained
     assert main(["generate", str(final), "What is 6 * 7?", "--max-new-tokens", "4", "--show-prompt"]) == 0

@@ -1,6 +1,7 @@
-"""The architecture the code claims, checked by reading it: the core imports nothing from the
-framework adapters, and the core's modules import each other without a cycle (imports inside
-functions and `TYPE_CHECKING`-only imports included: an annotation cycle is still a design cycle)."""
+"""The architecture the code claims, checked by reading it: the layers (core, built-ins, the
+transformers adapter, apps) import only the layers below them, the core imports nothing from the
+framework adapters, and the modules import each other without a cycle (imports inside functions
+and `TYPE_CHECKING`-only imports included: an annotation cycle is still a design cycle)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,59 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return out
 
 
+#: The layers, lowest first: a module may import its own layer and the ones before it.
+LAYERS = ("nslora_plugin.core", "nslora_plugin.builtins", "nslora_plugin.trainer", "nslora_plugin.apps")
+
+
+def _layer(module: str) -> int | None:
+    for rank, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    return None
+
+
+def _layer_violations(modules: dict[str, Path]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, path in modules.items():
+        own = _layer(name)
+        if own is None:
+            continue
+        above = sorted(i for i in _imports(name, path, modules)
+                       if (_layer(i) is not None and _layer(i) > own)
+                       or i.startswith(("nslora_plugin.integrations", "integrations")))
+        if above:
+            found[name] = above
+    return found
+
+
+def test_every_module_sits_in_a_layer():
+    """Only the package's public face (`nslora_plugin/__init__.py`) stands outside the layers."""
+    assert sorted(n for n in _modules() if _layer(n) is None) == ["nslora_plugin"]
+
+
+def test_layers_import_only_the_layers_below():
+    assert _layer_violations(_modules()) == {}
+
+
+def test_the_core_imports_no_builtin_by_module():
+    """Built-ins are loaded by the registry by dotted name (a string), never imported."""
+    modules = _modules()
+    core = {n: p for n, p in modules.items() if _layer(n) == 0}
+    assert {n: sorted(i for i in _imports(n, p, modules) if i.startswith("nslora_plugin.builtins"))
+            for n, p in core.items() if any(i.startswith("nslora_plugin.builtins")
+                                            for i in _imports(n, p, modules))} == {}
+
+
+def test_the_layer_check_can_fail(tmp_path):
+    """A core module importing a built-in, or a built-in importing the adapter, is caught."""
+    core = tmp_path / "loop.py"
+    core.write_text("from nslora_plugin.builtins.rewards import BuiltinRewards\n")
+    builtin = tmp_path / "router.py"
+    builtin.write_text("def f():\n    from nslora_plugin.trainer.callback import NSLoRACallback\n")
+    found = _layer_violations({"nslora_plugin.core.loop": core, "nslora_plugin.builtins.router": builtin})
+    assert set(found) == {"nslora_plugin.core.loop", "nslora_plugin.builtins.router"}
+
+
 def test_core_imports_no_adapter():
     modules = _modules()
     offenders = {name: sorted(i for i in _imports(name, path, modules)
@@ -80,6 +134,6 @@ def test_the_checks_can_fail(tmp_path):
     cycle through a function or an annotation looks like)."""
     src = tmp_path / "mod.py"
     src.write_text("if TYPE_CHECKING:\n    from .run import Y\ndef f():\n    from .loop import X\n")
-    assert "nslora_plugin.run" in _imports("nslora_plugin.mod", src, {})
-    assert "nslora_plugin.loop.X" in _imports("nslora_plugin.mod", src, {}) or \
-        "nslora_plugin.loop" in _imports("nslora_plugin.mod", src, {})
+    assert "nslora_plugin.core.run" in _imports("nslora_plugin.core.mod", src, {})
+    assert "nslora_plugin.core.loop.X" in _imports("nslora_plugin.core.mod", src, {}) or \
+        "nslora_plugin.core.loop" in _imports("nslora_plugin.core.mod", src, {})

@@ -259,7 +259,7 @@ run(sys.argv[2], sys.argv[3:], callbacks=[Trace(sys.argv[1])])
 """
 
 AUGMENT_PLUGIN = """
-from nslora_plugin.hookspecs import hookimpl
+from nslora_plugin.core.hookspecs import hookimpl
 
 class EveryProbeExample:  # prompts-as-data rows for every probe example, whatever it scored
     @hookimpl

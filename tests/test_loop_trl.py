@@ -12,7 +12,7 @@ import json
 import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach, save_artifacts
 
 from tiny import (ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, capture_training_batches,
@@ -54,7 +54,7 @@ def test_numerical_and_symbolic_decisions_and_prompt_reaches_batches(tmp_path, t
     assert len(edits) == 1 and edits[0]["editor"] == "constraint" and edits[0]["accepted"]
     new_prompt = f"{SYSTEM}\n{FORMAT_INSTRUCTION}"
     assert arts.system_prompt == new_prompt and arts.prompt_version == 1
-    assert callback.loop.prompt_state.current == new_prompt
+    assert callback.loop.prompt == new_prompt
 
     # What the weights trained on: the old prompt up to the edit at the end of step 3, the new one
     # after it. accelerate's loader reads one batch ahead, so the batch of step 4 was collated

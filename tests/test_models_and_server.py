@@ -1,4 +1,4 @@
-"""The embedded default model (nslora_plugin.tools.models) and the editor server (nslora_plugin.tools.serve).
+"""The embedded default model (nslora_plugin.apps.tools.models) and the editor server (nslora_plugin.apps.tools.serve).
 
 Fast tests check the plumbing without frameworks; ``slow`` ones convert the real model from PyPI,
 LoRA-train a step on it, and talk to a real ``transformers serve`` with the ``openai`` client.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.tools import models
-from nslora_plugin.tools.models import DEFAULT_MODEL_NAME, ensure_default_model, is_complete_model_dir
-from nslora_plugin.tools.serve import EditorServer, free_port
+from nslora_plugin.apps.tools import models
+from nslora_plugin.apps.tools.models import DEFAULT_MODEL_NAME, ensure_default_model, is_complete_model_dir
+from nslora_plugin.apps.tools.serve import EditorServer, free_port
 
 # ------------------------------------------------------------------------------------------------
 # Fast: no model, no network
@@ -27,7 +27,7 @@ from nslora_plugin.tools.serve import EditorServer, free_port
 
 def test_importing_the_modules_loads_no_framework() -> None:
     code = (
-        "import sys, nslora_plugin.tools.models, nslora_plugin.tools.serve;"
+        "import sys, nslora_plugin.apps.tools.models, nslora_plugin.apps.tools.serve;"
         "print([m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -247,7 +247,7 @@ def test_server_exits_when_its_parent_is_killed(default_model_dir: Path, tmp_pat
     port = free_port()
     parent_code = (
         "import sys, time\n"
-        "from nslora_plugin.tools.serve import EditorServer\n"
+        "from nslora_plugin.apps.tools.serve import EditorServer\n"
         f"server = EditorServer({str(default_model_dir)!r}, port={port},"
         f" log_path={str(tmp_path / 'server.log')!r}).start()\n"
         "print(server._process.pid, flush=True)\n"

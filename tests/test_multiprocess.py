@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.tools.serve import free_port
+from nslora_plugin.apps.tools.serve import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 

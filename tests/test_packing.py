@@ -15,10 +15,10 @@ import math
 import pytest
 
 from nslora_plugin import NSLoRAConfig, NSLoRAConfigError, load_artifacts
-from nslora_plugin.chat import chat_messages, render
-from nslora_plugin.collator import NSLoRACollator, find_subsequence, prompt_span_ids
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.prompt_state import PromptCandidate, PromptState
+from nslora_plugin.core.chat import chat_messages, render
+from nslora_plugin.core.collator import NSLoRACollator, find_subsequence, prompt_span_ids
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, sft_trainer
 
@@ -262,7 +262,7 @@ def run_and_check(tokenizer, tmp_path, **trainer_args):
     arts = load_artifacts(tmp_path / "run")
     edits = [d for d in arts.decisions if d["kind"] == "edit"]
     assert len(edits) == 1 and edits[0]["accepted"] and edits[0]["step"] == 2, edits
-    assert arts.system_prompt == NEW == callback.loop.prompt_state.current
+    assert arts.system_prompt == NEW == callback.loop.prompt
 
     # The edit is accepted at the end of step 2; the loader reads one batch ahead, so the batches
     # trained from global step 3 on were collated after it.

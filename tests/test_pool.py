@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach
 
 from tiny import edit_config, load_tokenizer, sft_trainer
@@ -46,7 +46,7 @@ def test_a_pool_row_that_is_also_a_probe_row_is_refused(tmp_path, default_model_
 
 
 def test_the_demonstrations_editor_shows_pool_rows_and_the_gate_picks_a_set(tmp_path, default_model_dir):
-    from nslora_plugin.editor.demonstrations import HEADER
+    from nslora_plugin.builtins.editors.demonstrations import HEADER
 
     tok = load_tokenizer(default_model_dir)
     probe, pool = ROWS[32:36], ROWS[36:44]
@@ -54,7 +54,7 @@ def test_the_demonstrations_editor_shows_pool_rows_and_the_gate_picks_a_set(tmp_
     cfg = config(editor="demonstrations", editor_fallback="none", demo_examples=2, demo_candidates=2)
     callback = attach(trainer, cfg, probe=probe, pool=pool)
     trainer.train()
-    decisions = [json.loads(x) for x in (callback.loop.artifacts.root / "decisions.jsonl").open()]
+    decisions = [json.loads(x) for x in (callback.loop.artifacts_root / "decisions.jsonl").open()]
     edits = [d for d in decisions if d["kind"] == "edit"]
     assert edits and edits[0]["editor"] == "demonstrations:1"
     shown = edits[0]["meta"]["demonstrations"]
@@ -72,7 +72,7 @@ def test_the_demonstrations_editor_without_a_pool_says_why(tmp_path, default_mod
     trainer = sft_trainer(tok, tmp_path / "out", ROWS[:32], max_steps=2)
     callback = attach(trainer, config(editor="demonstrations", editor_fallback="none"), probe=ROWS[32:36])
     trainer.train()
-    decisions = [json.loads(x) for x in (callback.loop.artifacts.root / "decisions.jsonl").open()]
+    decisions = [json.loads(x) for x in (callback.loop.artifacts_root / "decisions.jsonl").open()]
     faults = [d for d in decisions if d["kind"] == "fault" and d["where"] == "startup"]
     assert faults and "needs a pool (pool_path)" in faults[0]["message"]
     routes = [d for d in decisions if d["kind"] == "route"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from nslora_plugin import NSLoRAConfig
-from nslora_plugin.data import load_probe_examples, make_word_problems
-from nslora_plugin.plugins import make_plugin_manager
-from nslora_plugin.probe import ProbeEvaluator, answer_stop_pattern
+from nslora_plugin.core.data import load_probe_examples, make_word_problems
+from nslora_plugin.core.registry import make_plugin_manager
+from nslora_plugin.core.probe import ProbeEvaluator, answer_stop_pattern
 from tiny import ANSWER_FORMAT, SYSTEM, tiny_model
 
 
@@ -35,7 +35,7 @@ def test_reference_nll_matches_the_plain_full_logits_loss(tokenizer):
     ev, examples = _evaluator(tokenizer, NSLoRAConfig(probe_batch_size=4))
     got = ev.reference_nll(model, SYSTEM, examples[:1])[0]
     e = examples[0]
-    from nslora_plugin.chat import chat_messages, render
+    from nslora_plugin.core.chat import chat_messages, render
 
     prefix = render(tokenizer, chat_messages(SYSTEM, e.question), generation_prompt=True)
     full = render(tokenizer, chat_messages(SYSTEM, e.question, e.reference), generation_prompt=False)
@@ -59,7 +59,7 @@ def test_stop_at_answer_line_only_when_no_reward_needs_the_whole_reply():
 def test_stopped_replies_are_prefixes_and_end_at_the_answer_line(tokenizer):
     """A tiny model trained for a few steps to say 'Answer: 7' and go on: the stopped reply is the
     unstopped one cut right after its first complete answer line."""
-    from nslora_plugin.probe import answer_stopping_criteria
+    from nslora_plugin.core.probe import answer_stopping_criteria
 
     model = tiny_model(tokenizer, seed=3)
     text = tokenizer.apply_chat_template(

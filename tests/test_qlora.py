@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.tools.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.apps.tools.doctor import (GiB, PRESETS, TrainSettings, estimate, format_table, main as doctor_main,
                                   resolve_model, settings_from_trl_config)
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, write_trl_workdir
@@ -78,7 +78,7 @@ def test_recipe_qlora_run_with_nslora(tmp_path, tokenizer, monkeypatch):
     assert arts.summary["probe_after"]["reward"] == arts.probe_reports[-1]["reward"]
     # ... and works on it directly
     callback = trainer.callback_handler.callbacks[0]
-    texts = callback.loop.evaluator.generate(trainer.model, arts.system_prompt, ["What is 2 + 3?"])
+    texts = callback.loop.generate(trainer.model, arts.system_prompt, ["What is 2 + 3?"])
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
@@ -92,9 +92,9 @@ def test_real_135m_in_nf4_probe_generation_and_footprint(tokenizer, default_mode
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from nslora_plugin.data import load_probe_examples
-    from nslora_plugin.plugins import make_plugin_manager
-    from nslora_plugin.probe import ProbeEvaluator
+    from nslora_plugin.core.data import load_probe_examples
+    from nslora_plugin.core.registry import make_plugin_manager
+    from nslora_plugin.core.probe import ProbeEvaluator
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_compute_dtype=torch.float32)

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from nslora_plugin import NSLoRAConfig
-from nslora_plugin.data import load_probe_examples, make_word_problems
-from nslora_plugin.hookspecs import hookimpl
+from nslora_plugin.core.data import load_probe_examples, make_word_problems
+from nslora_plugin.core.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
 
 from tiny import edit_config, load_tokenizer, sft_trainer
@@ -29,8 +29,8 @@ config = edit_config
 # ------------------------------------------------------------------ 3. special and added tokens
 @pytest.mark.parametrize("token", ["<filename>", "<jupyter_code>", "<|im_start|>", "<|custom_x|>", "[INST]"])
 def test_one_filter_rejects_every_special_and_added_token(tmp_path, default_model_dir, token):
-    from nslora_plugin.editor.textgrad_editor import candidate_problem
-    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.builtins.editors.textgrad import candidate_problem
+    from nslora_plugin.core.loop import NeurosymbolicLoop
 
     tok = load_tokenizer(default_model_dir)
     loop = NeurosymbolicLoop(config(), tok, load_probe_examples(ROWS[:4]), output_dir=tmp_path)
@@ -43,8 +43,8 @@ def test_one_filter_rejects_every_special_and_added_token(tmp_path, default_mode
 
 # ------------------------------------------------------------------ 4. one run per folder
 def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, default_model_dir):
-    from nslora_plugin.artifacts import RunFolderInUse
-    from nslora_plugin.loop import NeurosymbolicLoop
+    from nslora_plugin.core.artifacts import RunFolderInUse
+    from nslora_plugin.core.loop import NeurosymbolicLoop
 
     tok = load_tokenizer(default_model_dir)
     first = NeurosymbolicLoop(config(), tok, load_probe_examples(ROWS[32:36]), output_dir=tmp_path / "a")
@@ -59,10 +59,10 @@ def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, default_model_d
 
 
 def test_a_killed_runs_lock_is_not_stale(tmp_path):
-    from nslora_plugin.artifacts import ArtifactStore
+    from nslora_plugin.core.artifacts import ArtifactStore
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from nslora_plugin.artifacts import ArtifactStore; "
+        "import sys, time; from nslora_plugin.core.artifacts import ArtifactStore; "
         f"s = ArtifactStore({str(tmp_path)!r}); s.lock(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -119,7 +119,7 @@ def test_an_oversized_probe_row_is_cut_with_a_warning_naming_it(tmp_path, defaul
 
 # ------------------------------------------------------------------ 6. torn state, exact resume
 def test_a_torn_checkpoint_state_names_the_file(tmp_path):
-    from nslora_plugin.artifacts import ArtifactsUnreadable, load_artifacts
+    from nslora_plugin.core.artifacts import ArtifactsUnreadable, load_artifacts
 
     folder = tmp_path / "checkpoint-4" / "nslora"
     folder.mkdir(parents=True)
@@ -153,7 +153,7 @@ def test_resume_with_prompts_as_data_is_bit_identical(tmp_path, default_model_di
     after = _losses(resumed)  # steps 1-4 come from the checkpoint's trainer state
     assert sorted(after) == sorted(reference) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [after[s] for s in (5, 6, 7, 8)] == [reference[s] for s in (5, 6, 7, 8)]
-    assert callback.loop.collator.stats["augmented"] == \
+    assert callback.loop.batch_stats["augmented"] == \
         json.loads((tmp_path / "full" / "nslora" / "state.json").read_text())["collator"]["augmented"]
 
 
@@ -227,7 +227,7 @@ def test_a_full_disk_under_the_artifacts_never_stops_training_or_loses_a_record(
     assert [r["step"] for r in records if r["kind"] == "route"] == [2, 4, 6, 8]
     assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "end"
     prompt = json.loads((small_disk / "nslora" / "prompt.json").read_text())
-    assert prompt["system_prompt"] == loop.prompt_state.current
+    assert prompt["system_prompt"] == loop.prompt
     assert not list((small_disk / "nslora").glob(".*.tmp*")) and loop.artifacts.pending_lines == 0
 
 
@@ -235,8 +235,8 @@ def test_a_full_disk_under_the_artifacts_never_stops_training_or_loses_a_record(
 def test_probe_file_and_editor_are_checked_before_the_model_is_loaded(tmp_path, caplog):
     from nslora_plugin import NSLoRAConfigError
     from nslora_plugin.integrations.trl.cli import _split, make_parser, run_sft
-    from nslora_plugin.preflight import preflight
-    from nslora_plugin.util import free_port
+    from nslora_plugin.trainer.preflight import preflight
+    from nslora_plugin.core.util import free_port
 
     argv = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", "none",
             "--output_dir", str(tmp_path / "out"), "--use_cpu", "--bf16", "false", "--nslora",

@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.artifacts import NoArtifactsError
-from nslora_plugin.cli import main as cli
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.artifacts import NoArtifactsError
+from nslora_plugin.apps.cli import main as cli
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach, save_artifacts
-from nslora_plugin.report import compare_report, sweep_report, try_write_report, write_report
-from nslora_plugin.report.plots import PLOTS_MISSING
-from nslora_plugin.report.run_page import SECTIONS
-from nslora_plugin.report.worddiff import word_diff
+from nslora_plugin.apps.report import compare_report, sweep_report, try_write_report, write_report
+from nslora_plugin.apps.report.plots import PLOTS_MISSING
+from nslora_plugin.apps.report.run_page import SECTIONS
+from nslora_plugin.apps.report.worddiff import word_diff
 
 from fault_server import DEFAULT_IMPROVED, FaultSchedule, editor_config
 from tiny import SYSTEM, sft_trainer, write_trl_workdir
@@ -248,7 +248,7 @@ def test_word_diff_marks_words_and_escapes():
 
 
 def test_the_demo_ends_by_printing_the_reports_path(tmp_path, tokenizer, capsys):
-    from nslora_plugin.harness.demo import build_parser, run_demo
+    from nslora_plugin.apps.harness.demo import build_parser, run_demo
 
     work = write_trl_workdir(tmp_path, tokenizer)
     run_demo(build_parser().parse_args([
@@ -318,7 +318,7 @@ def test_a_report_failure_at_train_end_is_a_warning(tmp_path, caplog):
 # ------------------------------------------------------------------------------ compare / sweep
 def _sweep_from(result: dict) -> dict:
     """A sweep result of sweep.py's shape, built from the committed compare evidence at two mixes."""
-    from nslora_plugin.harness.sweep import arm_interval
+    from nslora_plugin.apps.harness.sweep import arm_interval
 
     points = []
     for share in (0.0, 1.0):

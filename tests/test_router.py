@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from nslora_plugin import NSLoRAConfig, load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.router import (PRIOR_WEIGHTS, ROUTER_STATE, LearnedRouter, failure_features,
+from nslora_plugin.builtins.router import (PRIOR_WEIGHTS, ROUTER_STATE, LearnedRouter, failure_features,
                                   p_symbolic)
-from nslora_plugin.run import EditorAvailability, Stash
-from nslora_plugin.types import EditOutcome, ProbeReport, ProbeResult
+from nslora_plugin.core.run import EditorAvailability, Stash
+from nslora_plugin.core.records import EditOutcome, ProbeReport, ProbeResult
 
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
 
@@ -42,7 +42,7 @@ def test_prior_labels_follow_the_documented_rules() -> None:
 
 
 def test_answer_presence_is_measured_on_the_reply() -> None:
-    from nslora_plugin.rewards import answer_in_reply, exact_match
+    from nslora_plugin.core.answers import answer_in_reply, exact_match
 
     assert answer_in_reply("1494", "Vintuora was founded in 1494.")
     assert answer_in_reply("1,494", "in 1494") and answer_in_reply("3.5", "3.50 dollars")
@@ -54,8 +54,8 @@ def test_answer_presence_is_measured_on_the_reply() -> None:
 
 
 def _route(labels_from, accepted_edits: int):
-    from nslora_plugin.router import PriorRouter
-    from nslora_plugin.types import TrainingSignal
+    from nslora_plugin.builtins.router import PriorRouter
+    from nslora_plugin.core.records import TrainingSignal
 
     cfg = NSLoRAConfig(editor="constraint")
     report = ProbeReport(5, 0, labels_from)

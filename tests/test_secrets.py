@@ -15,9 +15,9 @@ import logging
 
 import pytest
 
-from nslora_plugin.data import load_probe_examples, make_word_problems
+from nslora_plugin.core.data import load_probe_examples, make_word_problems
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.loop import NeurosymbolicLoop
+from nslora_plugin.core.loop import NeurosymbolicLoop
 
 from fault_server import FaultSchedule, FaultServer, editor_config
 from tiny import load_tokenizer, sft_trainer
@@ -57,7 +57,7 @@ def test_the_key_never_reaches_artifacts_logs_state_or_errors(tmp_path, monkeypa
         assert {r["auth"] for r in server.requests} == {f"Bearer {FAKE_KEY}"}
         loop = callback.loop
         assert "textgrad:EditorHTTPError" in loop.faults
-        assert "[Bearer ***]" in loop.prompt_state.current  # a leaked key reaches nothing, not even the prompt
+        assert "[Bearer ***]" in loop.prompt  # a leaked key reaches nothing, not even the prompt
         usage = loop.usage()
         assert usage["calls"] > 0 and usage["health_checks"] >= 2  # /models 500s were echoed too
 
@@ -123,7 +123,7 @@ def test_a_password_in_the_editor_url_reaches_no_file_and_no_log(tmp_path, monke
 
 
 def test_redaction_covers_fragments_and_masked_quotes(monkeypatch):
-    from nslora_plugin.util import redact
+    from nslora_plugin.core.util import redact
 
     monkeypatch.setenv("MY_API_KEY", FAKE_KEY)
     assert redact(f"bad key {FAKE_KEY}") == "bad key ***"

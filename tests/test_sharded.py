@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from nslora_plugin import load_artifacts
-from nslora_plugin.ranks import Ranks, ZERO3_OPT_IN, sharding_problem
-from nslora_plugin.probe import _in_order
-from nslora_plugin.tools.serve import free_port
+from nslora_plugin.core.ranks import Ranks, ZERO3_OPT_IN, sharding_problem
+from nslora_plugin.core.probe import _in_order
+from nslora_plugin.apps.tools.serve import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"

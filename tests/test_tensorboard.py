@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import NSLoRACallback, load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 
 from tiny import edit_config, sft_trainer
 

@@ -9,11 +9,11 @@ import json
 from typing import Any
 
 from nslora_plugin import NSLoRAConfig
-from nslora_plugin.data import make_word_problems
-from nslora_plugin.hookspecs import hookimpl
+from nslora_plugin.core.data import make_word_problems
+from nslora_plugin.core.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
-from nslora_plugin.run import RunView, StashKey
-from nslora_plugin.types import EditorStatus, EditProposal, RouteDecision
+from nslora_plugin.core.run import RunView, StashKey
+from nslora_plugin.core.records import EditorStatus, EditProposal, RouteDecision
 
 from tiny import ANSWER_FORMAT, SYSTEM, load_tokenizer, sft_trainer
 
@@ -27,7 +27,7 @@ def run_with(tmp_path, default_model_dir, extra: list[Any], **settings: Any) -> 
                 answer_format=ANSWER_FORMAT, editor="constraint")
     callback = attach(trainer, NSLoRAConfig(**{**base, **settings}), probe=ROWS[32:], plugins=extra)
     trainer.train()
-    folder = callback.loop.artifacts.root
+    folder = callback.loop.artifacts_root
     state = json.loads((folder / "state.json").read_text())
     decisions = [json.loads(line) for line in (folder / "decisions.jsonl").open()]
     return state, decisions

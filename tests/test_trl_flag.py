@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from nslora_plugin import NSLoRAConfig, NSLoRAConfigError, load_artifacts
-from nslora_plugin.data import make_word_problems
+from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import NSLoRAArguments, maybe_attach
 from nslora_plugin.integrations.trl import cli as trl_cli
 
@@ -128,7 +128,7 @@ def test_without_the_flag_the_run_is_plain_trl(tmp_path, tokenizer):
     """No callback added, collator not wrapped, no artifacts; with the flag, both happen."""
     from transformers import TrainerCallback
 
-    from nslora_plugin.collator import NSLoRACollator
+    from nslora_plugin.core.collator import NSLoRACollator
 
     class CollatorSpy(TrainerCallback):
         collate = None

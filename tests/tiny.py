@@ -52,7 +52,7 @@ def sft_trainer(tokenizer: Any, output_dir: Path, rows: list[dict], *, max_steps
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from nslora_plugin.data import chat_rows
+    from nslora_plugin.core.data import chat_rows
 
     # fp32 on the CPU: TRL's default bf16=True is emulated (and ~20x slower) on CPUs without native
     # bf16. The real SFTTrainer, with its own fused LM head, is what these tests exercise.
@@ -89,7 +89,7 @@ def write_trl_workdir(root: Path, tokenizer: Any) -> Path:
     probe file (`probe.jsonl`, 8 more)."""
     import json
 
-    from nslora_plugin.data import chat_rows, make_word_problems
+    from nslora_plugin.core.data import chat_rows, make_word_problems
 
     tiny_model(tokenizer).save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
@@ -109,7 +109,7 @@ def run_from_base_folder(tokenizer: Any, root: Path, *, max_steps: int, save_ste
     from transformers import AutoModelForCausalLM
 
     from nslora_plugin import NSLoRAConfig
-    from nslora_plugin.data import make_word_problems
+    from nslora_plugin.core.data import make_word_problems
     from nslora_plugin.integrations.trl import attach
 
     rows = make_word_problems(40, seed=3)

@@ -188,7 +188,7 @@ TEXTGRAD_LOG_DIR="$WORK/textgrad-logs" LITELLM_LOCAL_MODEL_COST_MAP=True HF_HUB_
 import importlib.util
 import transformers, trl, peft, accelerate, datasets, bitsandbytes, textgrad, pluggy
 import llamafactory.train.tuner  # noqa: F401  (imports mm_plugin -> torchaudio)
-from nslora_plugin.callback import NSLoRACallback  # noqa: F401
+from nslora_plugin.trainer.callback import NSLoRACallback  # noqa: F401
 from nslora_plugin.integrations.llamafactory import cli  # noqa: F401
 assert importlib.util.find_spec("torchvision") is None, "torchvision must not be installed here"
 print("  transformers", transformers.__version__, "| trl", trl.__version__, "| peft", peft.__version__,

@@ -79,7 +79,7 @@ class NSLoRAPlugin(_Base):  # type: ignore[misc,valid-type]
         config = config_from_axolotl(cfg)
         if config is None:
             return
-        from nslora_plugin.callback import NSLoRACallback
+        from nslora_plugin.trainer.callback import NSLoRACallback
 
         tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
         world = int(getattr(getattr(trainer, "args", None), "world_size", 1) or 1)
@@ -102,14 +102,14 @@ class NSLoRAPlugin(_Base):  # type: ignore[misc,valid-type]
             return
         loop = callback.loop
         if loop.is_main and cfg.get("output_dir"):
-            loop.artifacts.copy_into(Path(cfg["output_dir"]))  # no-op when already there
+            loop.copy_artifacts(Path(cfg["output_dir"]))  # no-op when already there
         if self._reported:
             return
         self._reported = True
         summary = callback.summary or {}
         log.info("NSLoRA: done — prompt version %s, decisions %s, artifacts in %s",
-                 summary.get("prompt_version", loop.prompt_state.version),
-                 summary.get("decisions", loop.decision_counts), loop.artifacts.root)
+                 summary.get("prompt_version", loop.prompt_version),
+                 summary.get("decisions", loop.decision_counts), loop.artifacts_root)
 
 
 class _AxolotlConsole:

@@ -33,8 +33,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from nslora_plugin.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
-from nslora_plugin.util import parse_bool
+from nslora_plugin.core.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.util import parse_bool
 
 __all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
            "normalize_axolotl_cfg", "nslora_enabled"]

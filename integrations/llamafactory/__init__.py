@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from .args import LlamaFactoryNSLoRAArgs, check_lf_settings, prepare, read_config, split_config
 
 if TYPE_CHECKING:
-    from nslora_plugin.callback import NSLoRACallback
+    from nslora_plugin.trainer.callback import NSLoRACallback
 
 __all__ = ["run", "run_prepared", "prepare", "read_config", "split_config", "check_lf_settings",
            "make_callbacks", "LlamaFactoryNSLoRAArgs",
@@ -55,7 +55,7 @@ def make_callbacks(prepared: LlamaFactoryNSLoRAArgs, *, plugins: Sequence[Any] =
     runs, a per-rank summary in the log (a no-op on one process). Empty when `nslora: false`."""
     if not prepared.nslora.enabled:
         return []
-    from nslora_plugin.callback import NSLoRACallback
+    from nslora_plugin.trainer.callback import NSLoRACallback
 
     from ._ranks import RankSummary
 
@@ -91,10 +91,10 @@ def dataset_info(dataset_name: str = DEFAULT_DATASET_NAME, file_name: str = "tra
 def write_word_problem_dataset(folder: str | Path, *, n_train: int = 256, n_probe: int = 32,
                                seed: int = 0, system_prompt: str | None = "You are a helpful assistant.",
                                dataset_name: str = DEFAULT_DATASET_NAME) -> dict[str, Path]:
-    """Generate arithmetic word problems (`nslora_plugin.data.make_word_problems`) and write a
+    """Generate arithmetic word problems (`nslora_plugin.core.data.make_word_problems`) and write a
     LLaMA-Factory `dataset_dir`: `dataset_info.json`, `train.jsonl` (chat rows whose system message
     is `system_prompt`) and `probe.jsonl` (held-out question/answer rows for `nslora_probe_path`)."""
-    from nslora_plugin.data import chat_rows, make_word_problems
+    from nslora_plugin.core.data import chat_rows, make_word_problems
 
     if n_train < 1 or n_probe < 1:
         raise ValueError("n_train and n_probe must be at least 1")

@@ -23,8 +23,7 @@ class RankSummary(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         loop = getattr(self.nslora, "loop", None)
-        collator = getattr(loop, "collator", None)
-        if loop is None or collator is None or state.is_world_process_zero:
+        if loop is None or not loop.batch_stats or state.is_world_process_zero:
             return
         log.info("NSLoRA rank %s: prompt version %d, collator %s", args.process_index,
-                 loop.prompt_state.version, collator.stats)
+                 loop.prompt_version, loop.batch_stats)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
-from nslora_plugin.util import parse_bool
+from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.util import parse_bool
 
 __all__ = ["LlamaFactoryNSLoRAArgs", "read_config", "split_config", "prepare", "check_lf_settings",
            "NSLORA_CONFIG_KEY", "nslora_keys"]

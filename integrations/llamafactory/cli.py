@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from nslora_plugin.config import NSLoRAConfigError
-from nslora_plugin.util import env_flag, free_port, parse_bool
+from nslora_plugin.core.config import NSLoRAConfigError
+from nslora_plugin.core.util import env_flag, free_port, parse_bool
 
 from .args import LlamaFactoryNSLoRAArgs, nslora_keys, prepare, read_config
 
@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if _should_launch_torchrun():
         return _launch_torchrun(args.config, args.overrides)
     if prepared.nslora.enabled:  # the editor endpoint, before LLaMA-Factory loads the model
-        from nslora_plugin.preflight import preflight
+        from nslora_plugin.trainer.preflight import preflight
 
         preflight(prepared.nslora)
     from . import run_prepared

@@ -20,10 +20,10 @@ __all__ = ["attach", "NSLoRACallback", "save_artifacts", "NSLoRAArguments", "may
 
 
 def __getattr__(name: str) -> Any:
-    # `attach`, `save_artifacts` and the callback live in the core (`nslora_plugin.callback`),
+    # `attach`, `save_artifacts` and the callback live in the core (`nslora_plugin.trainer.callback`),
     # which imports transformers: loaded on first use so importing this module stays cheap.
     if name in ("attach", "save_artifacts", "NSLoRACallback"):
-        from nslora_plugin import callback
+        from nslora_plugin.trainer import callback
 
         return getattr(callback, name)
     raise AttributeError(name)

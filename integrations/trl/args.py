@@ -36,8 +36,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from nslora_plugin.config import NSLoRAConfig, NSLoRAConfigError, config_fields
-from nslora_plugin.util import parse_bool
+from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.util import parse_bool
 
 __all__ = ["NSLoRAArguments", "maybe_attach", "config_from_args", "PREFIX", "SWITCH",
            "check_trainer_args", "unknown_nslora_flags"]

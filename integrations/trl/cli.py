@@ -34,7 +34,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from nslora_plugin.config import NSLoRAConfigError
+from nslora_plugin.core.config import NSLoRAConfigError
 
 from .args import NSLoRAArguments, config_from_args, maybe_attach, unknown_nslora_flags
 
@@ -147,7 +147,7 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
     """TRL's SFT script (`trl sft`) with NSLoRA attached when `--nslora` is on. Returns the trainer."""
     config = config_from_args(nslora_args)
     if config is not None:  # files and the editor are checked before the model is loaded
-        from nslora_plugin.preflight import preflight
+        from nslora_plugin.trainer.preflight import preflight
 
         preflight(config)
     from datasets import load_dataset

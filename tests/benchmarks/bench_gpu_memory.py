@@ -79,7 +79,7 @@ _WORDS = ("apple river stone window garden number silver table orange winter mus
 # ------------------------------------------------------------------------------ shared helpers
 def recipe_model_shape(recipe: Path, tiny: bool) -> Any:
     """The doctor's ModelShape for the recipe's model (or a 2-layer stand-in for --tiny)."""
-    from nslora_plugin.tools.doctor import ModelShape, resolve_model, settings_from_trl_config
+    from nslora_plugin.apps.tools.doctor import ModelShape, resolve_model, settings_from_trl_config
 
     model, _ = settings_from_trl_config(recipe)
     shape = resolve_model(model)
@@ -217,8 +217,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         get_quantization_config,
     )
 
-    from nslora_plugin.data import read_jsonl
-    from nslora_plugin.probe import ProbeEvaluator
+    from nslora_plugin.core.data import read_jsonl
+    from nslora_plugin.core.probe import ProbeEvaluator
 
     if args.gpu_limit_gib and torch.cuda.is_available():
         # emulate a smaller card: the caching allocator frees its cache and retries before it
@@ -411,7 +411,7 @@ def versions(cuda: bool = True) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the comparison
 def doctor_estimates(recipe: Path, run_overrides: dict[str, Any], probe_prompt_len: int | None) -> dict[str, Any]:
-    from nslora_plugin.tools.doctor import (
+    from nslora_plugin.apps.tools.doctor import (
         TrainSettings,
         estimate,
         resolve_model,

