@@ -264,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def editor_config(server: FaultServer | None, **overrides: Any) -> Any:
     """A config whose every check with a failure is symbolic (`style_share_threshold` 0: the
-    tiny model fails every probe example, and any share of "style" labels, even none, is enough),
+    tiny model fails every probe example, and any share of "symbolic" labels, even none, is enough),
     with the editor LLM at `server` (None: set it yourself)."""
     from nslora_plugin import NSLoRAConfig
     from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM

@@ -73,17 +73,17 @@ def test_no_fact_leaks_between_entity_names():
 def test_ground_truth_kind_of_a_failure():
     kind = lambda c, a="Velgrad": failure_kind(a, c)
     assert kind("The capital of Norland is Velgrad.\nFinal: Velgrad") is None          # passes
-    assert kind("The capital of Norland is Velgrad.") == "style"                       # only form
-    assert kind("It is velgrad, I think") == "style"                                   # any case
-    assert kind("The capital of Norland is Ashport.") == "factual"                     # fact wrong
-    assert kind("The capital of Norland is Velgrad.\nFinal: Ashport") == "factual"     # wrong line
-    assert kind("Velgradia is a city.") == "factual"                                   # whole words
-    assert kind("Founded in 1487.", "1487") == "style"
-    assert kind("Founded in 1488.\nFinal: 1488", "1487") == "factual"
+    assert kind("The capital of Norland is Velgrad.") == "symbolic"                       # only form
+    assert kind("It is velgrad, I think") == "symbolic"                                   # any case
+    assert kind("The capital of Norland is Ashport.") == "numerical"                     # fact wrong
+    assert kind("The capital of Norland is Velgrad.\nFinal: Ashport") == "numerical"     # wrong line
+    assert kind("Velgradia is a city.") == "numerical"                                   # whole words
+    assert kind("Founded in 1487.", "1487") == "symbolic"
+    assert kind("Founded in 1488.\nFinal: 1488", "1487") == "numerical"
     # numbers (GSM8K): the last number decides whether the fact is there
     num = {"answer_format": FINAL_FORMAT, "answer_pattern": FINAL_FORMAT, "fact_match": "number"}
-    assert failure_kind("12", "So 18 - 6 = 12 are male.", **num) == "style"
-    assert failure_kind("12", "12 are male, out of 18.", **num) == "factual"
+    assert failure_kind("12", "So 18 - 6 = 12 are male.", **num) == "symbolic"
+    assert failure_kind("12", "12 are male, out of 18.", **num) == "numerical"
     assert failure_kind("12", "18 - 6 = 12\nFinal: 12", **num) is None
     assert failure_kind(None, "anything") is None
 
@@ -109,18 +109,18 @@ def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
     decisions = [
         {"kind": "start", "step": 0},
         {"kind": "route", "step": 2, "action": "symbolic",
-         "labels": [{"example_id": "a", "label": "style"}, {"example_id": "b", "label": "style"}]},
+         "labels": [{"example_id": "a", "label": "symbolic"}, {"example_id": "b", "label": "symbolic"}]},
         {"kind": "route", "step": 4, "action": "numerical",
-         "labels": [{"example_id": "a", "label": "factual"}]},
+         "labels": [{"example_id": "a", "label": "numerical"}]},
     ]
-    truth = [{"step": 2, "example_id": "a", "kind": "style"},
-             {"step": 2, "example_id": "b", "kind": "factual"},
-             {"step": 4, "example_id": "a", "kind": "factual"}]
+    truth = [{"step": 2, "example_id": "a", "kind": "symbolic"},
+             {"step": 2, "example_id": "b", "kind": "numerical"},
+             {"step": 4, "example_id": "a", "kind": "numerical"}]
     acc = router_accuracy(decisions, truth)
     assert acc["failures"] == 3
     assert acc["label_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
     assert acc["action_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
-    assert acc["confusion_truth_by_label"]["factual"] == {"factual": 1, "style": 1}
+    assert acc["confusion_truth_by_label"]["numerical"] == {"numerical": 1, "symbolic": 1}
     assert [c["step"] for c in acc["per_check"]] == [2, 4]
 
 
@@ -133,9 +133,9 @@ def test_verdict_pools_the_labels_of_every_arm():
                 "router": {"label_accuracy": 1.0, "confusion_truth_by_label": confusion}}
 
     result = {"arms": {
-        "numerical": arm(0.0, {"factual": {"factual": 4, "style": 0}, "style": {"factual": 2, "style": 2}}),
-        "symbolic": arm(0.1, {"factual": {"factual": 3, "style": 1}}),
-        "neurosymbolic": arm(0.2, {"factual": {"factual": 2, "style": 0}}),
+        "numerical": arm(0.0, {"numerical": {"numerical": 4, "symbolic": 0}, "symbolic": {"numerical": 2, "symbolic": 2}}),
+        "symbolic": arm(0.1, {"numerical": {"numerical": 3, "symbolic": 1}}),
+        "neurosymbolic": arm(0.2, {"numerical": {"numerical": 2, "symbolic": 0}}),
     }}
     v = verdict(result)
     assert v["best_other_arm"] == "symbolic" and v["margin_points"] == pytest.approx(10.0)

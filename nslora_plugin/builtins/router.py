@@ -16,14 +16,14 @@ Features (all per example, from the probe; `C1`/`C2` are global and act in the s
   the example has no known answer). It separates content from form: "right answer, wrong form"
   is a prompt's job, "the answer is not there" is the weights'.
 
-With the prior weights below: a violated constraint is "style" (a prompt can state it) when the
+With the prior weights below: a violated constraint is "symbolic" (a prompt can state it) when the
 answer is in the reply (or the example has no known answer) and the reference is not extremely
-unlikely (NLL ratio under 4); a reply without the answer is "factual" (the weights must learn it),
-whether or not it also breaks the format; a compliant but wrong answer is "factual". The NLL
+unlikely (NLL ratio under 4); a reply without the answer is "numerical" (the weights must learn it),
+whether or not it also breaks the format; a compliant but wrong answer is "numerical". The NLL
 weight is small because `answer_missing` measures content directly; NLL is only a proxy for it. Each check then decides for the whole run:
 
 1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
-3. share of "style" failures ≥ style_share_threshold → symbolic;
+3. share of "symbolic" failures ≥ style_share_threshold → symbolic;
 4. no prompt edit accepted yet and at least style_share_threshold of the failures break a
    constraint (even if their content is wrong too) → symbolic: the prompt has not stated the
    constraint yet, one round tries it and the gate keeps it only if reward does not drop;
@@ -87,7 +87,7 @@ class PriorRouter:
                                 config: NSLoRAConfig, run: RunView) -> FailureLabel:
         features = failure_features(result, config)
         p = p_symbolic(features, self.current_weights(run))
-        return FailureLabel(example_id=result.example_id, label="style" if p >= 0.5 else "factual",
+        return FailureLabel(example_id=result.example_id, label="symbolic" if p >= 0.5 else "numerical",
                             p_symbolic=round(p, 4), features=features)
 
     @hookimpl(trylast=True)
@@ -98,8 +98,8 @@ class PriorRouter:
         saturated_now = signal.loss_flat and signal.grad_small
         state["flat_checks"] = state.get("flat_checks", 0) + 1 if saturated_now else 0
         n_fail = len(labels)
-        style = [lab for lab in labels if lab.label == "style"]
-        style_share = len(style) / n_fail if n_fail else 0.0
+        symbolic = [lab for lab in labels if lab.label == "symbolic"]
+        style_share = len(symbolic) / n_fail if n_fail else 0.0
         weights = self.current_weights(run)
         scores = {**{f"w_{k}": round(v, 4) for k, v in weights.items()},
                   "failures": float(n_fail), "style_share": round(style_share, 4),
@@ -125,7 +125,7 @@ class PriorRouter:
             return decide("numerical", "symbolic edits stalled recently; cooling down with LoRA updates "
                           f"({state['cooldown']} checks left)")
         if style_share >= config.style_share_threshold:
-            return decide("symbolic", f"{len(style)}/{n_fail} failures look like style/constraint "
+            return decide("symbolic", f"{len(symbolic)}/{n_fail} failures look like style/constraint "
                           f"problems (share {style_share:.2f} >= {config.style_share_threshold})")
         broken = [r for r in report.failures  # read from the rewards, whatever the classifier
                   if min((r.rewards.get(c, 1.0) for c in CONSTRAINT_COMPONENTS), default=1.0) < 1.0]
@@ -137,7 +137,7 @@ class PriorRouter:
             return decide("symbolic", f"numerical training saturated (C1={_fmt(signal.c1)}, "
                           f"C2={_fmt(signal.c2)} for {state['flat_checks']} checks) with "
                           f"{n_fail} failures left")
-        return decide("numerical", f"{n_fail - len(style)}/{n_fail} failures look factual "
+        return decide("numerical", f"{n_fail - len(symbolic)}/{n_fail} failures need the weights "
                       f"and loss still moves (C1={_fmt(signal.c1)}); keep training LoRA")
 
     @hookimpl
@@ -159,8 +159,8 @@ class LearnedRouter(PriorRouter):
     After a symbolic round, every example that failed at its check is remembered with its features,
     its reward before the round (`r0`) and under the prompt the round left in place (`r1`). At the
     next check, after a window of LoRA updates, its reward is `r2`. If the prompt change helped it
-    more than the weight updates did (`r1 - r0 > r2 - r1`) the target is "style" (1), if the
-    weights helped more it is "factual" (0); ties teach nothing. One logistic-regression SGD step
+    more than the weight updates did (`r1 - r0 > r2 - r1`) the target is "symbolic" (1), if the
+    weights helped more it is "numerical" (0); ties teach nothing. One logistic-regression SGD step
     per observation (`router_learning_rate`), in example-id order, so runs are deterministic. The
     weights live in the router state (saved in `state.json`, restored on resume) and are logged
     with every decision.

@@ -69,8 +69,8 @@ def nslora_probe_signals(example: "ProbeExample", completion: str,
 def nslora_classify_failure(result: "ProbeResult", signal: "TrainingSignal",
                             config: "NSLoRAConfig",
                             run: "RunView") -> "FailureLabel | None":
-    """Label one failing probe example as needing a weight update ("factual") or a prompt update
-    ("style"). The first non-None answer is used. The label must carry `p_symbolic` (probability
+    """Label one failing probe example as needing a weight update ("numerical") or a prompt update
+    ("symbolic"). The first non-None answer is used. The label must carry `p_symbolic` (probability
     that the prompt is the right fix) and the features it was computed from, which are logged."""
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Action = Literal["numerical", "symbolic"]
-Label = Literal["factual", "style"]
+#: The kind of update a failure needs: the weights ("numerical") or the prompt ("symbolic").
+Label = Literal["numerical", "symbolic"]
 
 
 class _Serializable:

@@ -71,7 +71,8 @@ DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
 ARMS = (*DEFAULT_ARMS, "lora", "lora_instruction", "lora_instruction_all", "fixed",
         "neurosymbolic_questions")
 PLAIN_LORA_ARMS = ("lora", "lora_instruction", "lora_instruction_all")
-ACTION_KIND = {"symbolic": "style", "numerical": "factual"}
+#: The update an action makes, in the labels' vocabulary (one vocabulary: numerical / symbolic).
+ACTION_KIND = {"symbolic": "symbolic", "numerical": "numerical"}
 
 
 # ------------------------------------------------------------------ CLI
@@ -221,7 +222,7 @@ def held_out_metrics(report: ProbeReport, task: Task, examples: dict[str, Any]) 
     passed = sum(r.passed for r in report.results)
     facts = sum(fact_present(examples[r.example_id].answer or "", r.completion, task.fact_match)
                 for r in report.results)
-    kinds = {"factual": 0, "style": 0}
+    kinds = {"numerical": 0, "symbolic": 0}
     for r in report.failures:
         kind = task.failure_kind(examples[r.example_id].answer, r.completion)
         if kind:
@@ -265,14 +266,14 @@ def router_accuracy(decisions: Sequence[dict[str, Any]], truth: Sequence[dict[st
     """Per failing probe example at each check: classifier label vs ground truth (`label_accuracy`,
     the headline), and the check's action vs ground truth (`action_accuracy`)."""
     known = {(t["step"], t["example_id"]): t["kind"] for t in truth if t.get("kind")}
-    confusion: dict[str, dict[str, int]] = {k: {"factual": 0, "style": 0} for k in ("factual", "style")}
+    confusion: dict[str, dict[str, int]] = {k: {"numerical": 0, "symbolic": 0} for k in ("numerical", "symbolic")}
     n = label_ok = action_ok = 0
     per_check = []
     for d in decisions:
         if d.get("kind") != "route":
             continue
         c_n = c_ok = 0
-        truth_counts = {"factual": 0, "style": 0}
+        truth_counts = {"numerical": 0, "symbolic": 0}
         for lab in d.get("labels", []):
             kind = known.get((d["step"], lab["example_id"]))
             if kind is None:
@@ -645,7 +646,7 @@ def _sum_editors(per_run: Any) -> dict[str, dict[str, int]]:
 
 
 def _sum_confusions(routers: Any) -> dict[str, dict[str, int]]:
-    total: dict[str, dict[str, int]] = {k: {"factual": 0, "style": 0} for k in ("factual", "style")}
+    total: dict[str, dict[str, int]] = {k: {"numerical": 0, "symbolic": 0} for k in ("numerical", "symbolic")}
     for r in routers:
         for truth, by_label in (r.get("confusion_truth_by_label") or {}).items():
             for label, n in by_label.items():
@@ -705,7 +706,7 @@ def verdict(result: dict[str, Any], per_seed: dict[str, dict[str, Any]] | None =
             for label, n in by_label.items():
                 pooled["failures"] += n
                 pooled["right"] += n if label == truth else 0
-                pooled["style"] += n if truth == "style" else 0
+                pooled["style"] += n if truth == "symbolic" else 0
     if pooled["failures"]:
         out.update(router_accuracy_all_arms=round(pooled["right"] / pooled["failures"], 4),
                    router_failures_all_arms=pooled["failures"],

@@ -20,8 +20,8 @@ Synthetic "facts + format" (`make_facts_task`), right answer known by constructi
   prompt (a symbolic update) can bring the format; probe and held-out references include it.
 - The kind of update a failure needs (`failure_kind`) is computed per failure, at evaluation time,
   from the completion: if the right fact does not appear in the reply (or the `Final:` line names
-  a wrong one) the failure is **"factual"** — only weights can learn a fictional fact; if the fact
-  is in the reply but the `Final:` line is missing, it is **"style"** — a prompt can fix it. A
+  a wrong one) the failure is **"numerical"** — only weights can learn a fictional fact; if the fact
+  is in the reply but the `Final:` line is missing, it is **"symbolic"** — a prompt can fix it. A
   passing reply has no kind (None). Each probe / held-out row carries `kind_rule` naming this rule
   and the fact (`final_answer`) the rule checks.
 
@@ -29,8 +29,8 @@ GSM8K and other JSONL (`load_jsonl_task`)
 -----------------------------------------
 `question` / `answer` rows; a GSM8K answer (`... #### n`) loses its calculator annotations. The
 same rule applies: training replies end with "The answer is n." and no `Final:` line, probe and
-held-out references end with `Final: n`; a failure is "factual" when the last number in the reply
-(or the `Final:` number) is wrong, "style" when the number is right but the line is missing.
+held-out references end with `Final: n`; a failure is "numerical" when the last number in the reply
+(or the `Final:` number) is wrong, "symbolic" when the number is right but the line is missing.
 Splits are seeded and disjoint (held-out first, then probe, then training).
 """
 
@@ -61,10 +61,10 @@ FINAL_FORMAT = r"^Final: *(.+?)\s*$"
 FINAL_INSTRUCTION = ("End every reply with a last line of the form 'Final: <answer>', where <answer> "
                      "is only the short answer (a name, a year or a number).")
 FACTS_SYSTEM_PROMPT = "You are a helpful assistant."
-KIND_RULE = ("factual if the fact (final_answer) is missing from the reply or the Final line names "
-             "another; style if the fact is there but the Final line is missing")
+KIND_RULE = ("numerical if the fact (final_answer) is missing from the reply or the Final line names "
+             "another; symbolic if the fact is there but the Final line is missing")
 
-Kind = Literal["factual", "style"]
+Kind = Literal["numerical", "symbolic"]
 
 
 @dataclass
@@ -119,14 +119,14 @@ def fact_present(answer: str, completion: str, fact_match: str = "contains") -> 
 def failure_kind(answer: str | None, completion: str, *, answer_format: str = FINAL_FORMAT,
                  answer_pattern: str | None = FINAL_FORMAT,
                  fact_match: str = "contains") -> Kind | None:
-    """Which update a reply needs: None (it passes), "factual" or "style" (see module docstring)."""
+    """Which update a reply needs: None (it passes), "numerical" (the weights) or "symbolic" (the prompt; see module docstring)."""
     if answer is None:
         return None
     compliant = format_compliant(completion, answer_format)
     if compliant:
         final = extract_final_answer(completion, answer_pattern or answer_format)
-        return None if answers_match(final, answer) else "factual"
-    return "style" if fact_present(answer, completion, fact_match) else "factual"
+        return None if answers_match(final, answer) else "numerical"
+    return "symbolic" if fact_present(answer, completion, fact_match) else "numerical"
 
 
 # ------------------------------------------------------------------ fictional names

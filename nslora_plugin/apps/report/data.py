@@ -190,3 +190,12 @@ def load_run(path: str | Path) -> RunData:
         if rows:
             return RunData(arts, rows, source)
     return RunData(arts)
+
+
+#: Failure labels written by runs before the vocabulary was unified ("factual" / "style").
+_OLD_LABELS = {"factual": "numerical", "style": "symbolic"}
+
+
+def label_kind(label: str | None) -> str | None:
+    """A failure label in today's vocabulary ("numerical" / "symbolic"), old runs' included."""
+    return _OLD_LABELS.get(label or "", label)

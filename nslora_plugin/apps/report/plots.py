@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from typing import Any, Callable
 
-from nslora_plugin.apps.report.data import METRIC_NAMES, RunData
+from nslora_plugin.apps.report.data import METRIC_NAMES, RunData, label_kind
 
 PLOTS_MISSING = ("matplotlib is not installed, so this plot is left out; "
                  "pip install 'nslora-plugin[plots]' and run nslora report again")
@@ -19,7 +19,7 @@ PLOTS_MISSING = ("matplotlib is not installed, so this plot is left out; "
 #: one colour per meaning, used on every plot of a page
 COLORS = {"numerical": "#7f7f7f", "symbolic": "#7b3fb5", "accepted": "#2ca02c",
           "rejected": "#d62728", "fault": "#ff7f0e", "resume": "#1f77b4",
-          "style": "#7b3fb5", "factual": "#1f77b4", "loss": "#1f3b73", "c1": "#1f77b4",
+          "symbolic": "#7b3fb5", "numerical": "#1f77b4", "loss": "#1f3b73", "c1": "#1f77b4",
           "c2": "#e6550d"}
 SERIES = ["#1f77b4", "#2ca02c", "#e6550d", "#7b3fb5", "#8c564b", "#e377c2", "#17becf"]
 
@@ -195,10 +195,10 @@ def router_png(run: RunData) -> bytes | None:
         xs = list(range(len(checks)))
         every = max(1, len(checks) // 15)  # a long run: label every k-th check
         ticks = [f"step {c.step}" if i % every == 0 else "" for i, c in enumerate(checks)]
-        style = [sum(1 for lab in c.labels if lab.get("label") == "style") for c in checks]
-        factual = [sum(1 for lab in c.labels if lab.get("label") == "factual") for c in checks]
-        left.bar(xs, factual, color=COLORS["factual"], label="factual (LoRA's job)")
-        left.bar(xs, style, bottom=factual, color=COLORS["style"], label="style (a prompt's job)")
+        style = [sum(1 for lab in c.labels if label_kind(lab.get("label")) == "symbolic") for c in checks]
+        factual = [sum(1 for lab in c.labels if label_kind(lab.get("label")) == "numerical") for c in checks]
+        left.bar(xs, factual, color=COLORS["numerical"], label="numerical (LoRA's job)")
+        left.bar(xs, style, bottom=factual, color=COLORS["symbolic"], label="symbolic (a prompt's job)")
         top = max([f + s for f, s in zip(factual, style)] + [1])
         for x, c, f, s in zip(xs, checks, factual, style):
             if len(checks) > 30:  # too many to letter; the colours of the timeline still say it
@@ -217,7 +217,7 @@ def router_png(run: RunData) -> bytes | None:
                 p = lab.get("p_symbolic")
                 if isinstance(p, (int, float)):
                     right.plot(x + jitter, p, "o", ms=5, alpha=0.75,
-                               color=COLORS.get(str(lab.get("label")), "#333"))
+                               color=COLORS.get(str(label_kind(lab.get("label"))), "#333"))
         right.axhline(0.5, color="#333", ls="--", lw=0.9)
         right.text(len(xs) - 0.5, 0.52, "style ≥ 0.5", ha="right", va="bottom", fontsize=8)
         right.set_xlim(-0.6, len(xs) - 0.4)

@@ -139,7 +139,7 @@ def router(run: RunData) -> str:
         return '<p class="muted">No check ran.</p>'
     parts = [image(plots.router_png(run), "router: failures by label and p_symbolic per check"),
              '<p class="muted">Each failing probe example gets p_symbolic, a logistic score of its '
-             'features; 0.5 or more labels it "style" (a prompt can fix it), otherwise "factual" '
+             'features; 0.5 or more labels it "symbolic" (a prompt can fix it), otherwise "numerical" '
              '(the weights must learn it).</p>']
     for c in checks:
         features = sorted({k for lab in c.labels for k in (lab.get("features") or {})})
