@@ -49,8 +49,8 @@ def nslora_score_probe(example: "ProbeExample", completion: str,
 
     Return a mapping of reward component name → value in [0, 1] (for example
     ``{"correctness": 1.0}``), or None when this plugin has nothing to say about the example.
-    All implementations are called; their mappings are merged (a later-registered plugin runs
-    first, so an earlier one wins on a name clash). The example's reward is the mean of all
+    All implementations are called; their mappings are merged, and on a name clash the value of
+    the later-registered plugin wins (a third-party plugin overrides a built-in component). The example's reward is the mean of all
     components; it *passes* only when that mean is 1. Must be deterministic and side-effect free:
     the validation gate calls it on candidate prompts too.
     """
