@@ -346,7 +346,7 @@ def test_litellm_backend_against_a_real_endpoint(tmp_path, monkeypatch, tokenize
     dead = cfg.replace(editor_base_url=f"http://127.0.0.1:{free_port()}/v1")
     down, _ = round_loop(tokenizer, tmp_path / "down", dead, rows, model=model)
     assert not down.editor_availability().llm_ready
-    assert down.editor_unavailable_reason.startswith("editor endpoint unreachable (EditorUnreachable")
+    assert down.editor_availability().reason.startswith("editor endpoint unreachable (EditorUnreachable")
 
 
 def test_local_backend_runs_in_process(tmp_path, tokenizer, rows, default_model_dir):
@@ -376,7 +376,7 @@ def test_local_backend_missing_model_fails_fast(tmp_path, tokenizer, rows):
     loop = NeurosymbolicLoop(cfg.replace(on_editor_down="numerical", editor_backend="litellm",
                                          editor_model=None),
                              tokenizer, load_probe_examples(rows), output_dir=tmp_path / "run2")
-    loop._start_editors()
+    loop.start_editors()
     assert not loop.editor_availability().llm_ready and "editor_model is not set" in loop.editor_availability().reason
 
 

@@ -84,8 +84,9 @@ class NSLoRAPlugin(_Base):  # type: ignore[misc,valid-type]
         tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
         world = int(getattr(getattr(trainer, "args", None), "world_size", 1) or 1)
         if world > 1:
-            log.info("NSLoRA: %d processes — rank 0 probes and calls the editor; every rank adopts "
-                     "its prompt and augmented rows at the same step", world)
+            log.info("NSLoRA: %d processes — every rank probes its share of the rows, rank 0 "
+                     "decides and calls the editor; every rank adopts its prompt and augmented "
+                     "rows at the same step", world)
         callback = NSLoRACallback(config, tokenizer=tokenizer, console=_AxolotlConsole())
         callbacks = trainer.callback_handler.callbacks
         # Idempotent: a second call (or a reused PluginManager) replaces, never duplicates.

@@ -24,7 +24,6 @@ install Axolotl when instantiated).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import re
 from collections.abc import Mapping
@@ -34,18 +33,16 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from nslora_plugin.core.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
-from nslora_plugin.core.util import parse_bool
+from nslora_plugin.core.keys import PREFIX, SWITCH, did_you_mean, flat_key, normalize_key, parse_switch
 
 __all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
            "normalize_axolotl_cfg", "nslora_enabled"]
 
 log = logging.getLogger("nslora")
 
-SWITCH = "nslora"
-PREFIX = "nslora_"
 # `nslora_enabled` is the flat spelling of the switch; everything else maps to one config field.
 _FIELDS = {f.name: f for f in dataclasses.fields(NSLoRAConfig)}
-_FLAT_KEYS = {PREFIX + name: name for name in _FIELDS}
+_FLAT_KEYS = {flat_key(name): name for name in _FIELDS}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,30 +51,16 @@ _FLAT_KEYS = {PREFIX + name: name for name in _FIELDS}
 
 
 def _yaml_key(name: str, mapping_form: bool) -> str:
-    return f"{SWITCH}.{name}" if mapping_form else PREFIX + name
+    return f"{SWITCH}.{name}" if mapping_form else flat_key(name)
 
 
 def _unknown(key: str, mapping_form: bool) -> NSLoRAConfigError:
     name = key[len(PREFIX):] if not mapping_form else key
     choices = sorted(_FIELDS) if mapping_form else sorted(_FLAT_KEYS)
-    close = difflib.get_close_matches(key, choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     where = f"under '{SWITCH}:'" if mapping_form else "at the top level"
     return NSLoRAConfigError(
-        f"Unknown NSLoRA key {_yaml_key(name, mapping_form)!r} {where}.{hint} Allowed: "
-        + ", ".join(choices))
-
-
-def _switch_value(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        parsed = False if not value.strip() else parse_bool(value)
-        if parsed is not None:
-            return parsed
-    raise NSLoRAConfigError(
-        f"Invalid value {SWITCH}={value!r}: expected true, false, or a mapping of NSLoRA settings "
-        f"(e.g. '{SWITCH}: {{probe_path: probe.jsonl, check_every: 20}}').")
+        f"Unknown NSLoRA key {_yaml_key(name, mapping_form)!r} {where}."
+        f"{did_you_mean(key, choices)} Allowed: " + ", ".join(choices))
 
 
 def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict[str, str]]:
@@ -93,16 +76,14 @@ def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict
     if isinstance(switch, Mapping):
         enabled = True
         for raw_key, value in switch.items():
-            key = str(raw_key).strip().replace("-", "_")
-            if key.startswith(PREFIX):
-                key = key[len(PREFIX):]
+            key = normalize_key(str(raw_key))
             if key not in _FIELDS:
                 raise _unknown(key, mapping_form=True)
             if value is not None:
                 settings[key] = value
                 origin[key] = _yaml_key(key, mapping_form=True)
     elif switch is not None:
-        enabled = _switch_value(switch)
+        enabled = parse_switch(switch)
 
     for raw_key, value in cfg.items():
         key = str(raw_key)
@@ -119,7 +100,7 @@ def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict
         origin.setdefault(name, key)
 
     if "enabled" in settings:
-        flag = _switch_value(settings["enabled"])
+        flag = parse_switch(settings["enabled"])
         if switch is not None and not isinstance(switch, Mapping) and flag != enabled:
             raise NSLoRAConfigError(
                 f"{SWITCH}={switch!r} and {origin['enabled']}={settings['enabled']!r} disagree; "
@@ -148,7 +129,7 @@ def _build(settings: dict[str, Any], origin: dict[str, str]) -> NSLoRAConfig:
         # The core names the field (`check_every`); say which YAML key that is.
         match = _VALUE_NAME.search(str(exc))
         name = match.group(1) if match else None
-        key = origin.get(name or "", PREFIX + name if name else None)
+        key = origin.get(name or "", flat_key(name) if name else None)
         if key is None:
             raise
         raise NSLoRAConfigError(f"{key}: {exc}") from None
@@ -180,8 +161,8 @@ def normalize_axolotl_cfg(data: dict[str, Any]) -> dict[str, Any]:
     data[SWITCH] = enabled
     for name in settings:
         if name != "enabled":
-            data[PREFIX + name] = getattr(config, name)
-    data.pop(PREFIX + "enabled", None)
+            data[flat_key(name)] = getattr(config, name)
+    data.pop(flat_key("enabled"), None)
     if enabled:
         _check_axolotl_settings(data, config, origin)
     return data
@@ -197,7 +178,7 @@ def _check_axolotl_settings(data: Mapping[str, Any], config: NSLoRAConfig,
         path = getattr(config, name)
         if path is not None and not Path(path).is_file():
             raise NSLoRAConfigError(
-                f"{origin.get(name, PREFIX + name)}: file {path!r} does not exist (relative paths "
+                f"{origin.get(name, flat_key(name))}: file {path!r} does not exist (relative paths "
                 f"are read from the working directory, {str(Path.cwd())!r})")
     # sample_packing: true is fine: the multipack sampler hands the collator one list of examples
     # per pack, and NSLoRA splices each of them before Axolotl's collator concatenates the pack.
@@ -245,7 +226,7 @@ _field_definitions: dict[str, Any] = {
 for _spec in config_fields():
     if _spec.name == "enabled":
         continue
-    _field_definitions[PREFIX + _spec.name] = (_annotation(_spec), Field(
+    _field_definitions[flat_key(_spec.name)] = (_annotation(_spec), Field(
         default=None, description=_spec.help_with_default()))
 
 #: Axolotl input args: `plugins: [nslora_plugin.integrations.axolotl.NSLoRAPlugin]` merges these

@@ -1,7 +1,8 @@
 """What the other ranks did, in the log (multi-GPU runs).
 
-Under torchrun the core runs every check on the world's process zero and broadcasts the accepted
-prompt to the other ranks, which splice it into their own batches; only rank 0 writes artifacts,
+Under torchrun every rank probes its share of the rows, the world's process zero decides each
+check and broadcasts the accepted prompt to the other ranks, which splice it into their own batches
+(`nslora_plugin/core/ranks.py` has the protocol); only rank 0 writes artifacts,
 so `nslora/state.json` counts rank 0's batches only. This callback logs, at the end of training,
 each other rank's prompt version and collator counts — the evidence that the edit reached every
 rank's batches. On a single process it does nothing.

@@ -28,26 +28,27 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.keys import (CONFIG_KEY, PREFIX, SWITCH, clean_key, flat_key, is_nslora_key,
+                                     parse_switch)
 from nslora_plugin.core.util import parse_bool
 
 __all__ = ["LlamaFactoryNSLoRAArgs", "read_config", "split_config", "prepare", "check_lf_settings",
            "NSLORA_CONFIG_KEY", "nslora_keys"]
 
 #: Key naming a separate NSLoRA YAML file (its settings are overridden by `nslora_*` keys).
-NSLORA_CONFIG_KEY = "nslora_config"
-
+NSLORA_CONFIG_KEY = CONFIG_KEY
 
 
 def nslora_keys() -> list[tuple[str, str, str]]:
     """(YAML key, type, help with allowed values and default) for every NSLoRA key a
     LLaMA-Factory config may carry, generated from `NSLoRAConfig` (`nslora-lf keys` prints it)."""
-    rows = [("nslora", "bool", "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of "
+    rows = [(SWITCH, "bool", "Switch NSLoRA on (true) or off (false); an `nslora:` mapping of "
              "unprefixed settings also switches it on."),
             (NSLORA_CONFIG_KEY, "str", "A separate NSLoRA YAML file; nslora_* keys override it.")]
     for spec in config_fields():
         if spec.name != "enabled":
             kind = spec.kind + (" or null" if spec.optional else "")
-            rows.append((f"nslora_{spec.name}", kind, spec.help_with_default()))
+            rows.append((flat_key(spec.name), kind, spec.help_with_default()))
     return rows
 
 
@@ -107,11 +108,6 @@ def _read_config_without_omegaconf(path: Path, overrides: list[str]) -> dict[str
 
 
 # ------------------------------------------------------------------------------------- splitting
-def is_nslora_key(key: str) -> bool:
-    k = str(key).strip().replace("-", "_")
-    return k == "nslora" or k.startswith("nslora_")
-
-
 def split_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LLaMA-Factory args, NSLoRA keys), top-level order kept."""
     lf, ns = {}, {}
@@ -126,8 +122,8 @@ def nslora_config_from_keys(keys: Mapping[str, Any], base_dir: Path | None = Non
     flat: dict[str, Any] = {}
     file_path: str | None = None
     for key, value in keys.items():
-        norm = str(key).strip().replace("-", "_")
-        if norm == "nslora" and isinstance(value, Mapping):
+        norm = clean_key(key)
+        if norm == SWITCH and isinstance(value, Mapping):
             for sub_key, sub_value in value.items():
                 if str(sub_key) == "config":
                     file_path = str(sub_value)
@@ -140,8 +136,8 @@ def nslora_config_from_keys(keys: Mapping[str, Any], base_dir: Path | None = Non
                     f"Invalid NSLoRA config value {NSLORA_CONFIG_KEY}={value!r}: expected the path "
                     "of a YAML file with NSLoRA settings.")
             file_path = value
-        elif norm == "nslora":
-            flat["enabled"] = value
+        elif norm == SWITCH:
+            flat["enabled"] = parse_switch(value)
         else:
             flat[norm] = value
     try:
@@ -160,12 +156,12 @@ def _with_prefix(message: str) -> str:
     import re
 
     message = re.sub(r"Unknown NSLoRA config key '([A-Za-z0-9_]+)'",
-                     lambda m: f"Unknown NSLoRA key 'nslora_{m.group(1)}'", message)
+                     lambda m: f"Unknown NSLoRA key '{flat_key(m.group(1))}'", message)
     message = re.sub(r"Did you mean '([A-Za-z0-9_]+)'\?",
-                     lambda m: f"Did you mean 'nslora_{m.group(1)}'?", message)
+                     lambda m: f"Did you mean '{flat_key(m.group(1))}'?", message)
     message = re.sub(r"Invalid NSLoRA config value ([A-Za-z0-9_]+)=",
-                     lambda m: f"Invalid NSLoRA value nslora_{m.group(1)}=", message)
-    message = message.replace("Allowed keys: ", "Allowed keys (each with the nslora_ prefix): ")
+                     lambda m: f"Invalid NSLoRA value {flat_key(m.group(1))}=", message)
+    message = message.replace("Allowed keys: ", f"Allowed keys (each with the {PREFIX} prefix): ")
     return message
 
 

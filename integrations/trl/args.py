@@ -15,10 +15,9 @@ Flags (all in the "NSLoRA" group of `--help`):
     --nslora_config PATH         a YAML with NSLoRA settings (top level or under `nslora:`)
     --nslora_<field> VALUE       one flag per `NSLoRAConfig` field (check_every, probe_path, ...)
 
-The per-field flags are generated from `NSLoRAConfig`'s fields (`config_fields()`: type, allowed
-values, help text), so a field added to the core config becomes a flag here, with its help,
-without touching this file. Every generated flag defaults to
-None ("not given"), so the order of precedence is: flag > `--nslora_config` file > the
+The per-field flags come from the core's flag generator (`cli_flags()` in `core/config.py`: type,
+allowed values, help text), so a field added to the core config becomes a flag here, with its
+help, without touching this file. Every generated flag defaults to None ("not given"), so the order of precedence is: flag > `--nslora_config` file > the
 `NSLoRAConfig` default printed in the help. The same keys work in a TRL `--config` YAML
 (`nslora: true`, `nslora_check_every: 20`, ...), and `nslora:` there may also be a mapping of
 unprefixed settings (`nslora: {probe_path: probe.jsonl, check_every: 20}`).
@@ -31,44 +30,27 @@ nothing: no callback, no collator wrapping, no import of the NSLoRA callback.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, config_fields
-from nslora_plugin.core.util import parse_bool
+from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, cli_flags
+from nslora_plugin.core.keys import CONFIG_KEY, PREFIX, SWITCH, clean_key, did_you_mean, parse_switch
 
 __all__ = ["NSLoRAArguments", "maybe_attach", "config_from_args", "PREFIX", "SWITCH",
            "check_trainer_args", "unknown_nslora_flags"]
 
 log = logging.getLogger("nslora")
 
-SWITCH = "nslora"
-PREFIX = "nslora_"
-# `enabled` is what `--nslora` switches; every other NSLoRAConfig field gets a flag.
-_SKIPPED = {"enabled"}
-
 _TYPES: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "list": list[str]}
 
 
 def _generated_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    """One `--nslora_<field>` per `NSLoRAConfig` field, with the core's help and allowed values."""
-    out = []
-    for spec in config_fields():
-        if spec.name in _SKIPPED:
-            continue
-        # The flag's own default is None ("not given"); the help shows the NSLoRAConfig default.
-        # `%(default).0s` renders as nothing but stops argparse's defaults formatter from
-        # appending a misleading "(default: None)".
-        metadata: dict[str, Any] = {"help": spec.help_with_default().replace("%", "%%") + "%(default).0s"}
-        if spec.kind == "bool":
-            # `--nslora_x` alone means true (HfArgumentParser only does that for non-None defaults)
-            metadata.update(nargs="?", const=True)
-        if spec.choices is not None:
-            metadata["choices"] = list(spec.choices)
-        out.append((PREFIX + spec.name, Optional[_TYPES[spec.kind]], field(default=None, metadata=metadata)))
-    return out
+    """One `--nslora_<field>` per `NSLoRAConfig` field (the core's `cli_flags`, typed for
+    HfArgumentParser); `enabled` is what `--nslora` switches, so it gets no flag of its own. The
+    flag's own default is None ("not given"); the help shows the NSLoRAConfig default."""
+    return [(dest, Optional[_TYPES[spec.kind]], field(default=None, metadata=options))
+            for dest, spec, options in cli_flags(typed=True, skip=("enabled",))]
 
 
 @dataclass
@@ -89,12 +71,7 @@ class _NSLoRASwitch:
         if isinstance(switch, Mapping):  # `nslora: {probe_path: ..., ...}` in a TRL --config YAML
             self._inline = dict(switch)
             switch = self._inline.pop("enabled", self._inline.pop(SWITCH, True))
-        if isinstance(switch, str):
-            parsed = parse_bool(switch)
-            if parsed is None:
-                raise NSLoRAConfigError(f"Invalid value nslora={switch!r}: expected true or false")
-            switch = parsed
-        self.nslora = bool(switch)
+        self.nslora = parse_switch(switch)
         if self.nslora:
             self.to_config()  # validate now: a bad value stops the script before the model loads
         elif self.given():
@@ -104,7 +81,7 @@ class _NSLoRASwitch:
     def given(self) -> dict[str, Any]:
         """The `nslora_*` values set on the command line or in a --config YAML (not None)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name.startswith(PREFIX) and f.name != "nslora_config"
+                if f.name.startswith(PREFIX) and f.name != CONFIG_KEY
                 and getattr(self, f.name) is not None}
 
     def to_config(self) -> NSLoRAConfig | None:
@@ -185,9 +162,7 @@ def unknown_nslora_flags(strings: Sequence[str]) -> list[str]:
         if not s.startswith("--"):
             continue
         name = s.split("=", 1)[0]
-        norm = "--" + name[2:].replace("-", "_")
+        norm = "--" + clean_key(name[2:])
         if norm.startswith("--" + SWITCH):
-            close = difflib.get_close_matches(norm, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            messages.append(f"unknown NSLoRA flag {name}{hint}")
+            messages.append(f"unknown NSLoRA flag {name}{did_you_mean(norm, known, inline=True)}")
     return messages

@@ -219,15 +219,6 @@ class NSLoRAArtifacts:
     state: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
 
-    def augmented_dataset(self) -> Any:
-        """The augmented rows as a `datasets.Dataset`."""
-        from datasets import Dataset, load_from_disk
-
-        folder = self.root / "augmented"
-        if folder.is_dir():
-            return load_from_disk(str(folder))
-        return Dataset.from_list(self.augmented_rows)
-
 
 class NoArtifactsError(FileNotFoundError):
     """A folder holds no NSLoRA artifacts; the message names the folder, where it looked and

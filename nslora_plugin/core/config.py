@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -24,9 +23,11 @@ from functools import lru_cache
 from typing import (Any, Literal, Mapping, Optional, Sequence, Union, get_args, get_origin,
                     get_type_hints)
 
+from nslora_plugin.core.keys import (CONFIG_KEY, PREFIX, SWITCH, NSLoRAConfigError, did_you_mean,
+                                     flat_key, normalize_key)
 from nslora_plugin.core.util import parse_bool
 
-__all__ = ["NSLoRAConfig", "NSLoRAConfigError", "FieldSpec", "config_fields"]
+__all__ = ["NSLoRAConfig", "NSLoRAConfigError", "FieldSpec", "config_fields", "cli_flags"]
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
                "str": "a string", "list": "a list"}
@@ -43,15 +44,6 @@ def _opt(default: Any, group: str, help: str, *, check: str | None = None) -> An
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-class NSLoRAConfigError(ValueError):
-    """A bad config key or value. The message names the key, the value and what is allowed;
-    `.key` holds the offending field name (without the `nslora_` prefix)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass
@@ -332,10 +324,8 @@ class NSLoRAConfig:
         known = set(cls.field_names())
         for key in merged:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise NSLoRAConfigError(
-                    f"Unknown NSLoRA config key {key!r}.{hint} Allowed keys: "
+                    f"Unknown NSLoRA config key {key!r}.{did_you_mean(key, known)} Allowed keys: "
                     + ", ".join(sorted(known)), key=key)
         return cls(**merged)
 
@@ -357,33 +347,31 @@ class NSLoRAConfig:
             line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
             raise NSLoRAConfigError(f"NSLoRA config file {str(path)!r} is not valid YAML{line}: "
                                     f"{getattr(exc, 'problem', None) or exc}") from None
-        if isinstance(data, Mapping) and isinstance(data.get("nslora"), Mapping):
+        if isinstance(data, Mapping) and isinstance(data.get(SWITCH), Mapping):
             # other keys may belong to a framework sharing the file; NSLoRA's own would be ignored
             fields = set(cls.field_names())
-            stray = sorted(str(k) for k in data if k != "nslora" and normalize_key(str(k)) in fields)
+            stray = sorted(str(k) for k in data if k != SWITCH and normalize_key(str(k)) in fields)
             if stray:
                 raise NSLoRAConfigError(
                     f"NSLoRA config file {str(path)!r} has NSLoRA keys next to its 'nslora:' block "
                     f"({', '.join(stray)}), where they would be ignored; put them under 'nslora:'",
                     key=normalize_key(stray[0]))
-            data = data["nslora"]
+            data = data[SWITCH]
         return cls.from_dict(data, **overrides)
 
     @classmethod
     def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add `--nslora_config PATH` and one `--nslora_<field>` flag per field."""
         group = parser.add_argument_group("NSLoRA")
-        group.add_argument("--nslora_config", default=None, help="YAML file with NSLoRA settings")
-        for spec in config_fields():
-            group.add_argument(f"--nslora_{spec.name}", dest=f"nslora_{spec.name}", default=None,
-                               metavar=spec.kind.upper(),  # values checked by the config, naming the key
-                               help=spec.help_with_default().replace("%", "%%"))
+        group.add_argument("--" + CONFIG_KEY, default=None, help="YAML file with NSLoRA settings")
+        for dest, _spec, options in cli_flags():
+            group.add_argument("--" + dest, dest=dest, default=None, **options)
 
     @classmethod
     def from_cli_namespace(cls, ns: argparse.Namespace) -> "NSLoRAConfig":
-        values = {k[len("nslora_"):]: v for k, v in vars(ns).items()
-                  if k.startswith("nslora_") and k != "nslora_config" and v is not None}
-        path = getattr(ns, "nslora_config", None)
+        values = {k[len(PREFIX):]: v for k, v in vars(ns).items()
+                  if k.startswith(PREFIX) and k != CONFIG_KEY and v is not None}
+        path = getattr(ns, CONFIG_KEY, None)
         return cls.from_yaml(path, **values) if path else cls.from_dict(values)
 
     @classmethod
@@ -407,22 +395,13 @@ class NSLoRAConfig:
 
 def check_unknown_flags(strings: Sequence[str]) -> None:
     """Raise on a `--nslora_*` flag no field has (parse_known_args would leave it unparsed)."""
-    known = {"--nslora_config", *(f"--nslora_{f.name}" for f in dataclasses.fields(NSLoRAConfig))}
+    known = {"--" + CONFIG_KEY,
+             *("--" + flat_key(f.name) for f in dataclasses.fields(NSLoRAConfig))}
     for item in strings:
         flag = item.split("=", 1)[0]
-        if flag.startswith("--nslora") and flag not in known:
-            close = difflib.get_close_matches(flag, sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise NSLoRAConfigError(f"Unknown NSLoRA flag {flag!r}.{hint}", key=normalize_key(flag[2:]))
-
-
-def normalize_key(key: str) -> str:
-    key = key.strip().replace("-", "_")
-    if key == "nslora":
-        return "enabled"
-    if key.startswith("nslora_"):
-        key = key[len("nslora_"):]
-    return key
+        if flag.startswith("--" + SWITCH) and flag not in known:
+            raise NSLoRAConfigError(f"Unknown NSLoRA flag {flag!r}.{did_you_mean(flag, known)}",
+                                    key=normalize_key(flag[2:]))
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -473,6 +452,37 @@ def _config_fields() -> tuple[FieldSpec, ...]:
 def config_fields() -> list[FieldSpec]:
     """Every `NSLoRAConfig` field with its type, allowed values, default, help and range."""
     return list(_config_fields())
+
+
+def cli_flags(*, typed: bool = False,
+              skip: Sequence[str] = ()) -> list[tuple[str, FieldSpec, dict[str, Any]]]:
+    """One `--nslora_<field>` flag per config field (but those in `skip`), as (dest, field,
+    argparse options). Every flag defaults to None ("not given"); its help is the field's help with
+    the allowed values and the `NSLoRAConfig` default.
+
+    typed=False (`NSLoRAConfig.add_cli_arguments`): every value stays a string and the config
+    checks it, so a bad value names the key. typed=True (the TRL dataclass, parsed by
+    HfArgumentParser from the field's type): the allowed values become `choices`, a bare boolean
+    flag means true, and the help hides argparse's "(default: None)"."""
+    out = []
+    for spec in config_fields():
+        if spec.name in skip:
+            continue
+        help = spec.help_with_default().replace("%", "%%")
+        if not typed:
+            options: dict[str, Any] = {"metavar": spec.kind.upper(), "help": help}
+        else:
+            # `%(default).0s` renders as nothing but stops the defaults formatter from appending
+            # "(default: None)", which would hide the config default the help names
+            options = {"help": help + "%(default).0s"}
+            if spec.kind == "bool":
+                # `--nslora_x` alone means true (HfArgumentParser does that only for non-None
+                # defaults)
+                options.update(nargs="?", const=True)
+            if spec.choices is not None:
+                options["choices"] = list(spec.choices)
+        out.append((flat_key(spec.name), spec, options))
+    return out
 
 
 def _coerce(name: str, value: Any, kind: str) -> Any:

@@ -25,7 +25,7 @@ from nslora_plugin.core.probe import ProbeEvaluator
 from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
 from nslora_plugin.core.answers import format_compliant
 from nslora_plugin.core.run import EditorAvailability, RunView, Stash
-from nslora_plugin.core.chat import control_tokens
+from nslora_plugin.core.candidates import check_candidate
 from nslora_plugin.core.util import install_log_redaction, redact, register_secret, url_secrets
 from nslora_plugin.core.records import DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport, ProbeResult, RouteDecision
 
@@ -396,18 +396,10 @@ class NeurosymbolicLoop:
         return outcome
 
     def sanitize(self, text: str) -> tuple[str | None, str | None]:
-        """Clean a candidate; return (prompt, None) or (None, why it cannot be used)."""
-        if not isinstance(text, str) or not text.strip():
-            return None, "empty candidate"
-        found = control_tokens(text, self.tokenizer)
-        if found:  # the same filter every editor's candidates meet (chat.control_tokens)
-            return None, f"candidate contains chat-template tokens ({', '.join(found[:3])})"
-        cleaned = "\n".join(line.rstrip() for line in text.strip().splitlines()).strip()
-        if len(cleaned) > self.config.max_prompt_chars:
-            return None, f"candidate longer than max_prompt_chars={self.config.max_prompt_chars}"
-        if redact(cleaned) != cleaned:
-            return None, "candidate contains a secret (an editor key or a URL password)"
-        return cleaned, None
+        """Clean a candidate; return (prompt, None) or (None, why it cannot be used). The one
+        check every editor's candidates meet: `core.candidates.check_candidate`."""
+        cleaned, problem = check_candidate(text, self.config.max_prompt_chars, self.tokenizer)
+        return cleaned, (problem.reason if problem is not None else None)
 
     def _augment(self, prompt: str, after: ProbeReport, before: ProbeReport) -> None:
         rows: list[dict[str, Any]] = []

@@ -22,9 +22,9 @@ from nslora_plugin.core.records import ProbeExample, ProbeReport, ProbeResult
 
 def release_cuda_cache(model: Any) -> None:
     """Hand the probe's cached CUDA blocks back. The probe's KV cache and logits have other shapes
-    than a training step's tensors; left in PyTorch's cache they fragment it (on the 8B QLoRA
-    recipe reserved memory climbed from 13 to 19 GiB over four probes while 11.5 GiB were ever
-    allocated; recipes/results/gpu-qlora-8b.md). Probes are rare, so the cost is negligible."""
+    than a training step's tensors; left in PyTorch's cache they fragment it, and reserved memory
+    grows from probe to probe while allocated memory does not (recipes/results/gpu-qlora-8b.md).
+    Probes are rare, so the cost is negligible."""
     import torch
 
     device = getattr(model, "device", None)

@@ -64,8 +64,8 @@ def full_logits_sft_trainer_class() -> type:
     TRL >= 1.16 patches a fused, chunked LM head into the model (`trl/kernels/chunked_logprob.py`)
     so that GPUs never hold the `(batch, seq, vocab)` logits. Without Triton (every CPU) its tiles
     are folded by a dozen torch element-wise passes, every position is scored (padding included),
-    and the backward recomputes each tile: on SmolLM2-135M, batch 8 x 80 tokens, fp32, that is
-    3.40 s a step against 2.76 s from the full logits (AMD EPYC, 2 cores). On a CPU the logits fit
+    and the backward recomputes each tile, which is slower on a CPU than the full logits
+    (`tests/benchmarks/bench_step.py` measures both; figures in docs/timings.md). On a CPU the logits fit
     in memory, so NSLoRA's harnesses take the same loss the plain way; TRL's `entropy` and
     `mean_token_accuracy` log entries are not computed then. Users' own trainers are left alone.
     """

@@ -33,8 +33,8 @@ dtype: 2 for bf16/fp16, 4 for fp32):
                its gradient. lm_head "fused" (TRL >= 1.16's SFTTrainer never builds the logits:
                it projects tiles of min(T, 4096) tokens x 32768 vocabulary columns): two tiles,
                forward and backward, 2*min(T,4096)*min(V,32768)*c, plus 16 B per token of
-               per-token outputs. Measured on the 8B recipe: ~0 GiB visible at the step peak
-               (recipes/results/gpu-qlora-8b.md), so "fused" is still an upper bound.
+               per-token outputs. An upper bound: the tiles barely show at the step peak
+               (recipes/results/gpu-qlora-8b.md).
   probe        NSLoRA's probe runs between optimizer steps under no_grad, after the gradients are
                freed: KV cache 2*L*kv*(P+G)*B*c for B = probe_batch_size rows of P prompt tokens +
                G = probe_max_new_tokens, plus the reference-NLL pass over B rows of P+G tokens,

@@ -13,8 +13,8 @@ the same kind of folder (``config.json`` + ``model.safetensors`` + tokenizer fil
    folder. Saving is what makes it trainable: a model loaded straight from GGUF carries a GGUF
    quantizer that ``Trainer`` refuses ("quantized with ... gguf ... do not support training").
 
-The converted folder is cached (``<cache>/SmolLM2-135M-Instruct``), so the ~15 s conversion runs
-once per cache; later calls return in microseconds.
+The converted folder is cached (``<cache>/SmolLM2-135M-Instruct``), so the conversion (the slow
+part: dequantizing and saving) runs once per cache; later calls only find the folder.
 
 Everything heavy (torch, transformers, huggingface_hub) is imported inside the functions, so
 importing this module costs nothing.
@@ -373,7 +373,7 @@ def _make_portable(folder: Path, config: object) -> None:
 
 
 def _check_trainable(folder: Path) -> None:
-    """Reload the saved folder (0.3 s) and make sure nothing marks it as quantized."""
+    """Reload the saved folder and make sure nothing marks it as quantized."""
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder))

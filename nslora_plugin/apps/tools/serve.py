@@ -4,7 +4,7 @@ The symbolic (TextGrad) half of nslora talks to an OpenAI-compatible endpoint. R
 at vLLM, Ollama or an API; the demo and the tests need one that works offline, so they start
 ``transformers serve`` (extra ``transformers[serving]``) on a local model folder as a child process.
 
-What was checked against transformers 5.23 (2-core CPU box, SmolLM2-135M-Instruct fp32):
+What this relies on (checked against transformers 5.23, SmolLM2-135M-Instruct in fp32 on a CPU):
 
 * Invocation: ``transformers serve <model-dir> --device cpu --host 127.0.0.1 --port N`` (the
   positional argument pins the server to one model and preloads it before listening), run as
@@ -16,8 +16,9 @@ What was checked against transformers 5.23 (2-core CPU box, SmolLM2-135M-Instruc
   Face *cache*, not the pinned model, and returns HTTP 500 when that cache folder does not exist,
   so it is not used as a readiness probe.
 * ``usage`` (prompt/completion/total tokens) comes back on non-streaming chat completions.
-* Timings on an idle 2-core machine: startup (spawn to ``/health`` OK) 3.3-3.5 s; a 40-token
-  greedy reply 1.2 s (an 8-token one 0.3 s). With other CPU-bound jobs on the box, expect 5-10x.
+* Startup (spawn to a healthy ``/health``) and replies take seconds on a CPU and many times longer
+  when other CPU-bound jobs share it: hence polling ``/health`` up to a generous
+  ``startup_timeout`` rather than a fixed wait.
 * The CLI checks PyPI for a newer transformers at start; the child gets
   ``HF_HUB_DISABLE_UPDATE_CHECK=1`` and ``HF_HUB_OFFLINE=1`` (a local folder needs no network).
 """
@@ -48,7 +49,7 @@ __all__ = ["EditorServer", "free_port"]
 #: Run by the child interpreter: the ``transformers`` console script's own entry point, plus a
 #: daemon thread that ends the server once its parent is gone. atexit covers a parent that exits or
 #: raises; this covers one killed by SIGKILL/SIGTERM, which would otherwise leave an orphan server
-#: holding ~600 MB and a port (seen with a demo process that was killed).
+#: holding the model's memory and a port.
 _BOOTSTRAP = """\
 import os, sys, threading, time
 parent = int(os.environ.pop("NSLORA_EDITOR_PARENT_PID", "0") or 0)

@@ -19,7 +19,8 @@ run here, so a user's `set_backward_engine` stays as it was); gradients in batch
 optimizer prompt is identical across runs whatever order concurrent calls finish in; the optimizer
 sees the whole prompt (TextGrad shows it only its first and last 10 words); a missing
 `<IMPROVED_VARIABLE>` tag gets one repair call and otherwise the old prompt stays; a candidate
-with chat-template tokens or over `max_prompt_chars` is dropped before it reaches the gate; every
+the gate would refuse (`core.candidates`: chat-template tokens, over `max_prompt_chars`, a secret)
+is dropped before it reaches the gate; every
 fault is reported once through `run.record_fault` and never raised into the trainer.
 """
 
@@ -29,9 +30,10 @@ import logging
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+from nslora_plugin.core.candidates import check_candidate
 from nslora_plugin.core.chat import chat_messages, control_tokens
 from nslora_plugin.core.config import NSLoRAConfig
 from nslora_plugin.core.hookspecs import hookimpl
@@ -120,15 +122,6 @@ class _ExampleGrads:
     system_grads: list[tuple[Any, Any]]          # (gradient variable, its context)
     question: Any = None                         # the question variable (edit_questions)
     error: EditorError | None = None
-
-
-@dataclass
-class _RoundLog:
-    calls: int = 0
-    tokens: int = 0
-    cached: int = 0
-    failed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TextGradEditor:
@@ -410,19 +403,23 @@ class TextGradEditor:
 
 
 def candidate_problem(candidate: str | None, config: NSLoRAConfig, tokenizer: Any = None) -> EditorError | None:
-    """Why a proposed system prompt cannot go to the gate (as the fault to report), or None."""
+    """Why a proposed system prompt cannot go to the gate (as the fault to report), or None: the
+    gate's own check (`core.candidates.check_candidate`), run here so that an unusable reply is
+    this editor's fault and is not replayed from its cache."""
     if candidate is None:
         return EditorNoTags("editor reply had no <IMPROVED_VARIABLE> tags, even after a repair "
                             "request; keeping the current prompt")
-    found = control_tokens(candidate, tokenizer)
-    if found:
-        return EditorUnsafeCandidate(f"editor proposed a prompt with chat-template tokens "
-                                     f"({', '.join(found[:3])}); dropped, keeping the current prompt")
-    if len(candidate) > config.max_prompt_chars:
+    _, problem = check_candidate(candidate, config.max_prompt_chars, tokenizer)
+    if problem is None:
+        return None
+    if problem.kind == "too_long":
         return EditorOverlongCandidate(f"editor proposed a prompt of {len(candidate)} characters "
                                        f"(max_prompt_chars={config.max_prompt_chars}); dropped, "
                                        "keeping the current prompt")
-    return None
+    if problem.kind == "empty":
+        return EditorNoTags("editor proposed an empty prompt; keeping the current prompt")
+    return EditorUnsafeCandidate(f"editor proposed an unusable prompt: {problem}; dropped, keeping "
+                                 "the current prompt")
 
 
 def question_problem(original: str, new: str | None, tokenizer: Any = None) -> str | None:
