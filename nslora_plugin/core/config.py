@@ -32,6 +32,9 @@ __all__ = ["NSLoRAConfig", "NSLoRAConfigError", "FieldSpec", "config_fields", "c
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
                "str": "a string", "list": "a list"}
 
+#: Integer fields where 0 means "work it out from the data" and the word "auto" is accepted too.
+AUTO_FIELDS = frozenset({"probe_max_new_tokens"})
+
 #: what `check` in a field's metadata allows, and the words an error uses for it
 CHECKS = {"positive": "a number > 0", "non_negative": "a number >= 0",
           "unit": "a number between 0 and 1"}
@@ -113,8 +116,11 @@ class NSLoRAConfig:
         None, "probe", "JSONL of held-out probe rows (`messages`, `question`/`answer` or "
         "`prompt`/`completion`). None: given in code, or taken from the trainer's eval dataset.")
     probe_size: int = _opt(16, "probe", "Probe examples scored at each check.", check="positive")
-    probe_max_new_tokens: int = _opt(96, "probe", "Greedy tokens generated per probe example.",
-                                     check="positive")
+    probe_max_new_tokens: int = _opt(
+        0, "probe", "Greedy tokens generated per probe example. 0 or 'auto': the longest probe "
+        "reference in tokens plus a quarter (at least 16 more), so short answers never pay for a "
+        "long cap; replies cut at the cap are counted (`cut_replies`) and reported.",
+        check="non_negative")
     probe_batch_size: int = _opt(
         8, "probe", "Probe examples per generation batch (bounds the probe's KV-cache memory).",
         check="positive")
@@ -259,6 +265,8 @@ class NSLoRAConfig:
             if spec.kind == "str" and not spec.optional and isinstance(value, str) \
                     and value.strip().lower() == "none":
                 continue
+            if spec.name in AUTO_FIELDS and isinstance(value, str) and value.strip().lower() == "auto":
+                value = 0
             coerced = _coerce(spec.name, value, spec.kind)
             if coerced is None and not spec.optional:
                 _fail(spec.name, value, f"{_KIND_WORDS[spec.kind]}; null / none is not allowed here "

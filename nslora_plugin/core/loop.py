@@ -67,6 +67,7 @@ class NeurosymbolicLoop:
         self.decision_counts = {"numerical": 0, "symbolic": 0, "accepted": 0, "rejected": 0}
         self.last_check_step = -1
         self._disk_failing = False
+        self._warned_cut = False
         self._collator_state: dict[str, Any] = {}  # restored from a checkpoint, for the collator
         self.trained_batches: int | None = None  # set by the adapter after each optimizer step
         self._model: Any = None
@@ -426,6 +427,14 @@ class NeurosymbolicLoop:
         report = self.evaluator.evaluate(model, prompt, step=step, version=version)
         self.reports.append(report)
         self.artifacts.append_jsonl("probe_reports.jsonl", report.summary())
+        cut = sum(r.cut for r in report.results)
+        if cut and self.is_main and not self._warned_cut:
+            self._warned_cut = True
+            auto = " (auto: from the longest probe reference)" if not self.config.probe_max_new_tokens else ""
+            log.warning("NSLoRA: %d of %d probe replies at step %d reached the cap of %d new "
+                        "tokens%s and were cut; if right replies need more, raise "
+                        "probe_max_new_tokens (probe_reports.jsonl counts them as cut_replies)",
+                        cut, len(report.results), step, self.evaluator.max_new_tokens, auto)
         return report
 
     def generate_one(self, system_prompt: str | None, question: str) -> str:

@@ -43,6 +43,19 @@ def eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
+class CutReply(str):
+    """A reply that reached the token cap without ending. A `str` like any reply, so it travels
+    through every path a reply takes (ranks gather them by pickling) and `score` can count it."""
+
+
+def auto_token_cap(tokenizer: Any, references: Sequence[str]) -> int:
+    """`probe_max_new_tokens: auto`: the longest reference in tokens plus a quarter, at least 16
+    tokens more (a right reply may be worded a little longer than its reference)."""
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references),
+                  default=0)
+    return longest + max(16, longest // 4)
+
+
 class ProbeEvaluator:
     def __init__(self, tokenizer: Any, examples: Sequence[ProbeExample], config: NSLoRAConfig,
                  plugin_manager: Any) -> None:
@@ -53,6 +66,17 @@ class ProbeEvaluator:
         self.ranks = Ranks()  # the world this evaluator answers in (set by the callback)
         self.leading = False  # rank 0 inside a check, with the other ranks serving its requests
         self.rows_answered = 0  # probe / generation rows this process ran through the model
+        self._token_cap: int | None = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The generation cap: `probe_max_new_tokens`, or worked out from the probe's references
+        when it is 0 ("auto")."""
+        if self.config.probe_max_new_tokens > 0:
+            return self.config.probe_max_new_tokens
+        if self._token_cap is None:
+            self._token_cap = auto_token_cap(self.tokenizer, [e.reference for e in self.examples])
+        return self._token_cap
 
     # ---------------------------------------------------------------- public
     def evaluate(self, model: Any, prompt: str | None, *, step: int, version: int) -> ProbeReport:
@@ -72,8 +96,9 @@ class ProbeEvaluator:
         for part in reversed(self.pm.hook.nslora_probe_signals(
                 example=example, completion=completion, config=self.config)):
             signals.update(part or {})
-        return ProbeResult(example_id=example.id, completion=completion, rewards=merged,
-                           reward=reward, ref_nll=nll, signals=signals)
+        return ProbeResult(example_id=example.id, completion=str(completion), rewards=merged,
+                           reward=reward, ref_nll=nll, signals=signals,
+                           cut=isinstance(completion, CutReply))
 
     # ---------------------------------------------------------------- model calls
     def generate(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
@@ -159,6 +184,8 @@ class ProbeEvaluator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         device = _device_of(model)
+        cap = self.max_new_tokens
+        ended = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
         for start in range(0, len(texts), self.config.probe_batch_size):
             chunk = texts[start:start + self.config.probe_batch_size]
             tok.padding_side = "left"
@@ -169,12 +196,13 @@ class ProbeEvaluator:
             enc = {k: v.to(device) for k, v in enc.items()}
             stop = answer_stopping_criteria(tok, self.config, enc["input_ids"].shape[1])
             with eval_mode(model), torch.no_grad(), generation_ready(model, self.ranks) as extra:
-                out = model.generate(**enc, max_new_tokens=self.config.probe_max_new_tokens,
+                out = model.generate(**enc, max_new_tokens=cap,
                                      do_sample=False, pad_token_id=tok.pad_token_id,
                                      use_cache=True, stopping_criteria=stop,
                                      return_dict_in_generate=True, **extra)
             new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
-            replies = [o.strip() for o in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+            replies = [CutReply(o.strip()) if len(row) >= cap and int(row[-1]) not in ended else o.strip()
+                       for o, row in zip(tok.batch_decode(new_tokens, skip_special_tokens=True), new_tokens)]
             # transformers >= 5.2x calls the output's cache `cache`, older releases `past_key_values`
             cache = next((out[k] for k in ("cache", "past_key_values") if k in out), None)
             yield replies, enc, (cache if keep_cache else None)
@@ -328,7 +356,7 @@ def answer_stopping_criteria(tokenizer: Any, config: NSLoRAConfig, prompt_len: i
     """A `StoppingCriteriaList` that finishes each row of a batched `generate` once its reply has
     a complete line (followed by a newline) matching `answer_format`; None when not applicable.
     End of turn still stops a row as before; rows that never state the answer run to
-    `probe_max_new_tokens`."""
+    the probe's token cap."""
     pattern = answer_stop_pattern(config)
     if pattern is None:
         return None

@@ -42,6 +42,8 @@ class ProbeResult(_Serializable):
     #: diagnostics that are not reward components (they never change `reward` or the gate), e.g.
     #: `answer_present`: 1 if the right answer appears anywhere in the reply, whatever its form.
     signals: dict[str, float] = field(default_factory=dict)
+    #: the reply reached the probe's token cap without ending (`probe_max_new_tokens`)
+    cut: bool = False
 
     @property
     def passed(self) -> bool:
@@ -82,6 +84,9 @@ class ProbeReport(_Serializable):
                                "n": len(self.results), "reward": round(self.mean_reward, 4),
                                "ref_nll": round(self.mean_nll, 4),
                                "failures": len(self.failures)}
+        cut = sum(r.cut for r in self.results)
+        if cut:
+            out["cut_replies"] = cut
         for k in keys:
             out[k] = round(self.mean(k), 4)
         return out
