@@ -1,5 +1,7 @@
 """`nslora compare` and its tasks: the synthetic facts + format generator, the GSM8K loader, the
-ground-truth rule, router accuracy, and one real (tiny) three-arm run through the CLI."""
+ground-truth rule, the router's label/rule agreement, and one real (tiny) three-arm run through
+the CLI. The statistics (`bootstrap.py`) are tested in test_bootstrap.py; task seeds, one mix,
+answers in prompts, interventions, the gate and the hidden rule in test_compare_fair.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nslora_plugin.apps.harness.compare import router_accuracy
+from nslora_plugin.apps.harness.compare import label_rule_agreement
 from nslora_plugin.core.answers import format_compliant
 from nslora_plugin.apps.harness.tasks import (
     FINAL_FORMAT,
@@ -38,7 +40,15 @@ def test_paraphrase_split_asks_the_same_facts_in_new_words():
     assert {r["paraphrase"] for r in task.held_out} == {3}
     train_facts = {fact(r) for r in task.train}
     assert len(train_facts) == 8 * 4 and len(task.train) == 2 * 8 * 4
-    assert {fact(r) for r in task.held_out} == train_facts  # every fact, held out in new words
+    # every fact left after the gate (probe), held out in new words — none of the gate's, no
+    # answer a gate row states
+    held_facts, probe_facts = {fact(r) for r in task.held_out}, {fact(r) for r in task.probe}
+    assert held_facts <= train_facts and not held_facts & probe_facts
+    probe_answers = {r["final_answer"].casefold() for r in task.probe}
+    assert not {r["final_answer"].casefold() for r in task.held_out} & probe_answers
+    left = {f for f in train_facts - probe_facts}
+    assert held_facts == {f for f in left if next(r for r in task.train if fact(r) == f)
+                          ["final_answer"].casefold() not in probe_answers}
     assert {fact(r) for r in task.probe} <= train_facts and len(task.probe) == 10
     train_questions = {r["question"] for r in task.train}
     assert not train_questions & {r["question"] for r in task.probe + task.held_out}
@@ -105,7 +115,7 @@ def test_gsm8k_loader_splits_and_rewrites_the_answer_line():
     assert load_jsonl_task(GSM8K, n_train=20, probe_size=5, held_out_size=7, seed=5).held_out != a.held_out
 
 
-def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
+def test_label_rule_agreement_joins_labels_with_the_rule_by_step_and_example():
     decisions = [
         {"kind": "start", "step": 0},
         {"kind": "route", "step": 2, "action": "symbolic",
@@ -116,12 +126,13 @@ def test_router_accuracy_joins_labels_with_ground_truth_by_step_and_example():
     truth = [{"step": 2, "example_id": "a", "kind": "symbolic"},
              {"step": 2, "example_id": "b", "kind": "numerical"},
              {"step": 4, "example_id": "a", "kind": "numerical"}]
-    acc = router_accuracy(decisions, truth)
-    assert acc["failures"] == 3
-    assert acc["label_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
-    assert acc["action_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
-    assert acc["confusion_truth_by_label"]["numerical"] == {"numerical": 1, "symbolic": 1}
-    assert [c["step"] for c in acc["per_check"]] == [2, 4]
+    agree = label_rule_agreement(decisions, truth)
+    assert agree["failures"] == 3
+    assert agree["label_rule_agreement"] == pytest.approx(2 / 3, abs=1e-3)
+    assert agree["action_rule_agreement"] == pytest.approx(2 / 3, abs=1e-3)
+    assert agree["confusion_rule_by_label"]["numerical"] == {"numerical": 1, "symbolic": 1}
+    assert [c["step"] for c in agree["per_check"]] == [2, 4]
+    assert not any("accuracy" in k for k in agree)  # agreement with a rule, never "accuracy"
 
 
 
@@ -130,7 +141,7 @@ def test_verdict_pools_the_labels_of_every_arm():
 
     def arm(acc, confusion):
         return {"held_out": {"accuracy": acc},
-                "router": {"label_accuracy": 1.0, "confusion_truth_by_label": confusion}}
+                "router": {"label_rule_agreement": 1.0, "confusion_rule_by_label": confusion}}
 
     result = {"arms": {
         "numerical": arm(0.0, {"numerical": {"numerical": 4, "symbolic": 0}, "symbolic": {"numerical": 2, "symbolic": 2}}),
@@ -142,8 +153,8 @@ def test_verdict_pools_the_labels_of_every_arm():
     assert v["winner"] == "neurosymbolic" and not any("target" in k or k.endswith("_met") for k in v)
     tie = verdict({"arms": {"fixed": arm(0.5, {}), "neurosymbolic": arm(0.5, {})}})
     assert tie["winner"] is None and tie["tied"] == ["fixed", "neurosymbolic"]
-    assert v["router_failures_all_arms"] == 14 and v["router_style_failures_all_arms"] == 4
-    assert v["router_accuracy_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
+    assert v["router_failures_all_arms"] == 14 and v["router_symbolic_failures_all_arms"] == 4
+    assert v["router_label_rule_agreement_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
 
 
 # ------------------------------------------------------------------ one real run, tiny model
@@ -171,17 +182,22 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
     printed = capsys.readouterr().out
     for arm in ("numerical", "symbolic", "neurosymbolic"):
         assert arm in printed
-    assert "router acc" in printed and "held-out acc" in printed
+    assert "label/rule agr." in printed and "held-out acc" in printed and "95 % interval" in printed
+    assert "router accuracy" not in printed and "router acc " not in printed
 
     result = json.loads((out / "compare.json").read_text())
     assert list(result["arms"]) == ["numerical", "symbolic", "neurosymbolic"]
-    assert result["task"]["held_out"] == 12 and result["settings"]["max_steps"] == 4
+    n_held = len(make_facts_task(3, probe_size=4).held_out)  # the facts outside the gate
+    assert result["task"]["held_out"] == n_held and result["settings"]["max_steps"] == 4
     for name, arm in result["arms"].items():
         h = arm["held_out"]
-        assert h["n"] == 12
+        assert h["n"] == n_held
         for key in ("accuracy", "fact_accuracy", "format_compliance"):
             assert 0.0 <= h[key] <= 1.0
-        assert h["n_probe_facts"] == 4 and h["n_other_facts"] == 8  # held-out split by probe overlap
+        assert h["n_probe_facts"] == 0 and h["n_other_facts"] == n_held  # no held-out fact is the gate's
+        iv = h["accuracy_interval95"]
+        assert iv["low"] <= h["accuracy"] <= iv["high"]
+        assert iv["levels_text"] == f"1 task seed × 1 seed × {n_held} items"
         assert arm["wall_seconds"] > 0 and isinstance(arm["editor_calls"], int)
         assert arm["router"]["failures"] > 0  # every arm logs labelled failures at its checks
         assert (out / name / "ground_truth.jsonl").is_file() and (out / name / "held_out.jsonl").is_file()
@@ -193,7 +209,7 @@ def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_p
     # a tiny random model knows no fact: every failure is factual by construction; even with
     # nll_threshold=100 (NLL says nothing) the answer_missing feature labels them factual, and
     # the symbolic round still ran because the format was broken and no prompt stated it yet
-    assert ns["router"]["label_accuracy"] == 1.0
+    assert ns["router"]["label_rule_agreement"] == 1.0
     assert ns["decisions"]["symbolic"] >= 1
     v = result["verdict"]
     assert (v["winner"] in result["arms"] or set(v["tied"]) <= set(result["arms"])) and "margin_points" in v
@@ -213,22 +229,31 @@ def test_fair_arms_seeds_and_splits(tiny_model_dir, tmp_path, capsys):
                  "--set", "style_share_threshold=0"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "95 % paired bootstrap interval" in printed and "per seed" in printed
+    assert "95 % interval" in printed and "1 task seed × 2 seeds × " in printed
+    assert "per run (task seed/seed)" in printed
     assert "target" not in printed
 
     result = json.loads((out / "compare.json").read_text())
     splits = result["splits"]
-    assert {k: v["n"] for k, v in splits.items()} == {"train": 24, "gate": 4, "pool": 3, "held_out": 12}
+    n_held = len(make_facts_task(3, probe_size=4, pool_size=3).held_out)
+    assert {k: v["n"] for k, v in splits.items()} == {"train": 24, "gate": 4, "pool": 3, "held_out": n_held}
     gate, pool = set(splits["gate"]["ids"]), set(splits["pool"]["ids"])
     assert not gate & pool and not (gate | pool) & set(splits["held_out"]["ids"])
-    assert list(result["per_seed"]) == ["0", "1"] and list(result["arms"]) == arms.split(",")
+    assert list(result["runs"]) == ["0"] and list(result["runs"]["0"]) == ["0", "1"]
+    assert list(result["arms"]) == arms.split(",")
     for name, arm in result["arms"].items():
         assert len(arm["held_out"]["accuracy_per_seed"]) == 2 and arm["seeds"] == 2
     v = result["verdict"]
     lo, hi = v["margin_interval95_points"]
-    assert lo <= v["margin_points"] <= hi and v["seeds"] == 2
+    assert lo <= v["margin_points"] <= hi and v["levels"]["seeds"] == [2, 2]
+    assert v["margin_levels"] == f"1 task seed × 2 seeds × {n_held} items"
+    assert v["margin_call"] in ("tie", "neurosymbolic ahead", f"{v['best_other_arm']} ahead")
+    # each arm's mix is stated: plain LoRA sees the pool as 3 of 27 rows, fixed at augment_share
+    mixes = {name: arm["mix"] for name, arm in result["arms"].items()}
+    assert mixes["lora"]["pool_share"] == pytest.approx(3 / 27, abs=1e-4) and mixes["lora"]["from_step"] == 0
+    assert mixes["fixed"]["pool_share"] == 0.25 and mixes["fixed"]["from_step_per_run"] == [0, 0]
     for seed in ("0", "1"):
-        runs = result["per_seed"][seed]
+        runs = result["runs"]["0"][seed]
         assert runs["lora"]["train_steps"] == 4 and runs["lora"]["edits_proposed"] == 0
         assert "Final:" in runs["lora_instruction"]["system_prompt"]
         assert runs["lora"]["system_prompt"] == result["settings"]["nslora_config"]["system_prompt"]
@@ -260,15 +285,18 @@ def test_baseline_rows_write_the_instruction_where_the_reply_follows_it():
     assert len(rows_plain) == len(task.train) + len(task.pool) and plain_prompt == task.system_prompt
 
 
-def test_paired_bootstrap_interval_brackets_the_difference():
-    from nslora_plugin.apps.harness.compare import paired_bootstrap
+def test_the_margin_interval_brackets_the_difference():
+    from nslora_plugin.apps.harness.compare import margin_interval
 
-    a = [{str(i): int(i < 6) for i in range(10)}, {str(i): int(i < 7) for i in range(10)}]
-    b = [{str(i): int(i < 3) for i in range(10)}, {str(i): int(i < 3) for i in range(10)}]
-    point, lo, hi = paired_bootstrap(a, b, n_boot=500)
+    a = {"0": {"held_out_passed": {str(i): int(i < 6) for i in range(10)}},
+         "1": {"held_out_passed": {str(i): int(i < 7) for i in range(10)}}}
+    b = {"0": {"held_out_passed": {str(i): int(i < 3) for i in range(10)}},
+         "1": {"held_out_passed": {str(i): int(i < 3) for i in range(10)}}}
+    result = {"runs": {"0": {s: {"neurosymbolic": a[s], "lora": b[s]} for s in ("0", "1")}}}
+    point, lo, hi = margin_interval(result, "neurosymbolic", "lora", n_boot=500)
     assert point == pytest.approx(0.35) and lo < point < hi and lo > 0
-    same, lo0, hi0 = paired_bootstrap(a, a, n_boot=200)
-    assert same == 0 and lo0 == 0 and hi0 == 0
+    same = margin_interval(result, "lora", "lora", n_boot=200)
+    assert (same.point, same.low, same.high) == (0, 0, 0)
 
 
 def test_the_when_sweep_writes_a_table_and_a_plot(tiny_model_dir, tmp_path):
@@ -333,15 +361,17 @@ def test_compare_counts_candidates_per_editor(tiny_model_dir, tmp_path):
 
 
 def test_hidden_format_rule_and_the_question_edit_ablation(tiny_model_dir, tmp_path, capsys):
-    """`--hide-format-rule`: the editors get only the reward's regex (the constraint editor then
-    states the pattern), while the manual-fix arm still writes the task's instruction by hand;
+    """`--hide-format-rule`: no editor gets any text about the format, the regex included (the
+    demonstrations editor shows worked examples; no candidate states the rule or the pattern),
+    while the manual-fix arm still writes the task's instruction by hand;
     `neurosymbolic_questions` is neurosymbolic with question edits on."""
     from nslora_plugin.apps.cli import main
-    from nslora_plugin.apps.harness.tasks import FINAL_INSTRUCTION
+    from nslora_plugin.apps.harness.tasks import FINAL_FORMAT, FINAL_INSTRUCTION
 
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out),
                  "--arms", "lora_instruction,neurosymbolic_questions", "--hide-format-rule",
+                 "--editor", "demonstrations", "--intervention-steps", "0",
                  "--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",
                  "--pool-size", "3", "--max-new-tokens", "6", "--batch-size", "4", "--no-baseline",
                  "--set", "nll_threshold=100", "--set", "gate_tie_break=accept",
@@ -349,13 +379,41 @@ def test_hidden_format_rule_and_the_question_edit_ablation(tiny_model_dir, tmp_p
     assert code == 0
     result = json.loads((out / "compare.json").read_text())
     assert result["settings"]["format_rule"] == "hidden"
+    assert "unavailable" in result["settings"]["constraint_editor"]
     assert list(result["arms"]) == ["lora_instruction", "neurosymbolic_questions"]
     arm_cfg = json.loads((out / "neurosymbolic_questions" / "nslora" / "config.json").read_text())
-    assert arm_cfg["format_instruction"] is None and arm_cfg["edit_questions"] is True
+    assert arm_cfg["format_instruction"] == "" and arm_cfg["editor_fallback"] == "none"
+    assert arm_cfg["edit_questions"] is True
     history = [json.loads(x) for x in
                (out / "neurosymbolic_questions" / "nslora" / "prompt_history.jsonl").open()]
-    stated = [c["prompt"] for c in history[1:] if c["editor"] == "constraint"]
-    assert stated and all("matching the pattern" in p and FINAL_INSTRUCTION not in p for p in stated)
+    candidates = [c["prompt"] for c in history[1:]]
+    assert candidates and all(c["editor"].startswith("demonstrations") for c in history[1:])
+    assert not any(FINAL_INSTRUCTION in p or FINAL_FORMAT in p or "matching the pattern" in p
+                   for p in candidates)
+    assert "Final:" in result["arms"]["lora_instruction"]["system_prompt"]
+
+
+def test_the_constraint_editor_is_unavailable_when_the_rule_is_hidden(tiny_model_dir, tmp_path, capsys):
+    from nslora_plugin.apps.cli import main
+    from nslora_plugin.builtins.editors.constraint import ConstraintEditor, constraint_statements
+    from nslora_plugin.core.config import NSLoRAConfig
+
+    with pytest.raises(SystemExit) as stop:  # chosen as the editor: a clear message, no run
+        main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "x"),
+              "--arms", "symbolic", "--hide-format-rule", "--no-baseline"])
+    assert "constraint editor is unavailable" in str(stop.value) and not (tmp_path / "x" / "symbolic").exists()
+    with pytest.raises(SystemExit, match="constraint editor is unavailable"):  # as the fallback
+        main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "y"),
+              "--editor", "demonstrations", "--set", "editor_fallback=constraint",
+              "--hide-format-rule", "--no-baseline"])
+    # the rule in no editor's words: no statement (TextGrad reads its constraints from here)
+    hidden = NSLoRAConfig(answer_format=FINAL_FORMAT, format_instruction="", editor="constraint")
+    assert constraint_statements(hidden) == {}
+    status = ConstraintEditor().nslora_editor_status(config=hidden)
+    assert not status.ready and "hidden" in status.reason
+    unset = NSLoRAConfig(answer_format=FINAL_FORMAT)  # not hidden, only not written: the regex
+    assert "matching the pattern" in constraint_statements(unset)["format"]
+    assert ConstraintEditor().nslora_editor_status(config=unset).ready
 
 
 def test_manual_fix_keeps_the_instruction_when_it_is_hidden_from_the_editors():
@@ -363,8 +421,9 @@ def test_manual_fix_keeps_the_instruction_when_it_is_hidden_from_the_editors():
     from nslora_plugin.apps.harness.tasks import make_facts_task
 
     task = make_facts_task(3, probe_size=4, pool_size=3)
-    cfg = build_config(build_parser().parse_args(["--hide-format-rule"]), task, Path("unused"))
-    assert cfg.format_instruction is None and cfg.answer_format == task.answer_format
+    args = build_parser().parse_args(["--hide-format-rule", "--editor", "demonstrations"])
+    cfg = build_config(args, task, Path("unused"))
+    assert cfg.format_instruction == "" and cfg.answer_format == task.answer_format
     _, prompt = baseline_rows("lora_instruction", task, cfg)
     assert prompt.endswith(task.format_instruction)
 
@@ -387,7 +446,7 @@ def test_textgrad_with_the_local_backend_needs_no_server(tiny_model_dir, tmp_pat
     cfg = result["settings"]["nslora_config"]
     assert cfg["editor_backend"] == "local" and cfg["editor_model"]
     arm_cfg = json.loads((out / "symbolic" / "nslora" / "config.json").read_text())
-    assert arm_cfg["editor_backend"] == "local" and arm_cfg["format_instruction"] is None
+    assert arm_cfg["editor_backend"] == "local" and arm_cfg["format_instruction"] == ""
     symbolic = result["arms"]["symbolic"]
     assert symbolic["editor_calls"] >= 1  # the in-process editor was called
     tg = symbolic["editors"].get("textgrad", {"proposed": 0, "unusable": 0})

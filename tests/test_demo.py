@@ -1,5 +1,7 @@
 """`nslora demo` end to end on a tiny real model (constraint editor, no LLM): the summary carries the
-plain-LoRA reference column next to NSLoRA's, and progress lines reach a non-terminal output."""
+plain-LoRA reference column next to NSLoRA's with the paired interval of their difference (or
+says plainly that n rows and one seed cannot separate them), and progress lines reach a
+non-terminal output."""
 
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ def test_demo_reports_plain_lora_next_to_nslora_and_prints_progress(tmp_path, to
     assert set(plain["held_out"]) >= {"correctness", "format", "n"} and plain["held_out"]["n"] == 4
     assert plain["train_seconds"] > 0 and summary["nslora_train_seconds"] > 0
     assert "plain LoRA" in out and "NSLoRA" in out
+    # the comparison with its interval (one task instance, one seed, 4 rows): a tie, said plainly
+    c = summary["comparison"]
+    assert c["levels"] == "1 task seed × 1 seed × 4 items"
+    lo, hi = c["interval95"]
+    assert lo <= c["difference"] <= hi
+    if c["call"] == "tie":
+        assert "a tie: 4 held-out rows and one seed cannot separate the arms" in out
+    assert "95 % interval [" in out and "(1 task seed × 1 seed × 4 items)" in out
     # a progress line every max_steps // 12 (at least 1) steps, with s/step and ETA, without a TTY
     assert "step 3/6 · " in out and "s/step" in out and "ETA" in out and "step 6/6 · " in out
     saved = json.loads((tmp_path / "run" / "nslora" / "summary.json").read_text())
@@ -37,4 +47,21 @@ def test_demo_without_reference_has_no_plain_column(tmp_path, tokenizer, capsys)
         "--batch-size", "4", "--no-reference"])
     summary = run_demo(args)
     assert summary["plain_lora"] is None
-    assert "plain LoRA" not in capsys.readouterr().out
+    assert "plain LoRA" not in capsys.readouterr().out and "comparison" not in summary
+
+
+def test_demo_comparison_names_a_tie_and_a_lead():
+    from nslora_plugin.apps.harness.demo import compare_held_out, comparison_line
+    from nslora_plugin.core.records import ProbeReport, ProbeResult
+
+    def report(right):
+        return ProbeReport(step=1, prompt_version=0, results=[
+            ProbeResult(example_id=f"wp{i}", completion="", rewards={"correctness": float(ok)},
+                        reward=float(ok), ref_nll=0.0, signals={}) for i, ok in enumerate(right)])
+
+    close = compare_held_out(report([1] * 11 + [0] * 21), report([1] * 13 + [0] * 19))
+    assert close["call"] == "tie" and close["difference"] == -0.0625
+    assert "a tie: 32 held-out rows and one seed cannot separate the arms" in comparison_line(close)
+    apart = compare_held_out(report([1] * 30 + [0] * 2), report([1] * 2 + [0] * 30))
+    assert apart["call"] == "NSLoRA ahead" and apart["interval95"][0] > 0
+    assert "NSLoRA ahead" in comparison_line(apart) and "(1 task seed × 1 seed × 32 items)" in comparison_line(apart)

@@ -155,6 +155,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from nslora_plugin.apps.tools.models import ensure_default_model
     from nslora_plugin.core.registry import make_plugin_manager
     from nslora_plugin.core.probe import ProbeEvaluator
+    from nslora_plugin.apps.harness.tasks import check_no_answer_in_prompt
 
     console.rule("[bold]nslora demo")
     model_path = Path(args.model) if args.model else ensure_default_model(log=lambda m: console.print(m, markup=False))
@@ -178,6 +179,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         config = demo_config(args, output_dir)
         evaluator = ProbeEvaluator(tokenizer, load_probe_examples(held_out_rows), config,
                                    make_plugin_manager(config))
+        check_no_answer_in_prompt(held_out_rows, config.system_prompt, "the initial system prompt",
+                                  fact_match="number")
         console.print("held-out evaluation before training…")
         held_before = evaluator.evaluate(sft.load_fp32_model(model_path), config.system_prompt,
                                          step=0, version=0)
@@ -209,6 +212,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
         console.print("held-out evaluation after training…")
         final_prompt = callback.loop.prompt
+        check_no_answer_in_prompt(held_out_rows, final_prompt, "NSLoRA's final system prompt",
+                                  fact_match="number")
         held_after = evaluator.evaluate(trainer.model, final_prompt, step=args.max_steps,
                                         version=callback.loop.prompt_version)
         ns_wall = time.time() - t_ns
@@ -217,6 +222,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     summary["held_out_before"] = held_before.summary()
     summary["held_out_after"] = held_after.summary()
     summary["plain_lora"] = reference or None
+    if reference:
+        summary["comparison"] = compare_held_out(held_after, held_plain, seed=args.seed)
     summary["nslora_train_seconds"] = round(ns_train_seconds, 1)
     summary["nslora_wall_seconds"] = round(ns_wall, 1)
     summary["final_adapter"] = str(final_dir)
@@ -233,6 +240,34 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if report is not None:
         console.print(f"[bold]report:[/] {report}  (open it in a browser; it needs no network)")
     return summary
+
+
+def compare_held_out(nslora: Any, plain: Any, *, seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """NSLoRA's held-out accuracy minus plain LoRA's, row by row (the same rows, paired), with
+    the hierarchical bootstrap's interval (`bootstrap.py`): one task instance and one training
+    seed, so only the held-out rows are resampled. `call` is "tie" when the interval contains 0
+    — what n rows and one seed usually give."""
+    from nslora_plugin.apps.harness.bootstrap import hierarchical_bootstrap, nest
+
+    def correct(report: Any) -> dict[str, float]:
+        return {r.example_id: float(r.rewards.get("correctness", float(r.passed))) for r in report.results}
+
+    iv = hierarchical_bootstrap(nest(correct(nslora), seed, seed), nest(correct(plain), seed, seed), n_boot)
+    call = "tie" if iv.contains(0.0) else ("NSLoRA ahead" if iv.point > 0 else "plain LoRA ahead")
+    return {"measure": "held-out accuracy, NSLoRA − plain LoRA", "difference": round(iv.point, 4),
+            "interval95": [round(iv.low, 4), round(iv.high, 4)], "levels": iv.levels,
+            "items": iv.items[0], "call": call, "resamples": iv.resamples}
+
+
+def comparison_line(c: dict[str, Any]) -> str:
+    lo, hi = c["interval95"]
+    line = (f"{c['measure']}: {c['difference']:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}] "
+            f"({c['levels']})")
+    if c["call"] == "tie":
+        return (line + f" — a tie: {c['items']} held-out rows and one seed cannot separate the "
+                "arms (run `nslora compare` with several --seeds and --task-seeds for that)")
+    return (line + f" — {c['call']} (one seed and one task instance: the training seed's own "
+            "variance is not in this interval)")
 
 
 def print_summary(console: Any, s: dict[str, Any]) -> None:
@@ -264,6 +299,8 @@ def print_summary(console: Any, s: dict[str, Any]) -> None:
     if plain is not None:
         console.print("plain LoRA trains on the same rows, steps and seed without NSLoRA; the "
                       "NSLoRA column adds its probes, routing, prompt edits and prompts-as-data rows.")
+    if s.get("comparison"):
+        console.print(comparison_line(s["comparison"]), markup=False, highlight=False, soft_wrap=True)
     d = s.get("decisions", {})
     console.print(f"decisions: {d.get('numerical', 0)} numerical, {d.get('symbolic', 0)} symbolic; "
                   f"edits accepted {d.get('accepted', 0)}, rejected {d.get('rejected', 0)}; "

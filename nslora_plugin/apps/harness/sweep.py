@@ -2,10 +2,12 @@
 
 One `nslora compare` per point of `--mix` (the synthetic task's `context_share`: the share of
 facts stated in their own questions, so that only the format is left to learn for them), same
-arms, seeds, budgets and splits at every point. Writes one JSON with every point's full result,
-a Markdown table (held-out accuracy, mean ± sd over seeds and a 95 % bootstrap interval over
-held-out rows and seeds) and a plot: held-out accuracy against the mix, one line per arm, with
-its interval.
+arms, task seeds, training seeds, budgets and splits at every point. Writes one JSON with every
+point's full result, a Markdown table (held-out accuracy, mean ± sd over runs and the 95 %
+hierarchical bootstrap interval over task instances, training seeds and held-out items, with the
+n of each level) and a plot: held-out accuracy against the mix, one line per arm, with its
+interval. The highest arm at each mix is named only where its interval against the runner-up
+excludes 0; otherwise the point is a tie.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from nslora_plugin.apps.harness.bootstrap import Interval
+from nslora_plugin.apps.harness.compare import arm_interval as _arm_interval
 from nslora_plugin.apps.harness.compare import build_parser as build_compare_parser
-from nslora_plugin.apps.harness.compare import paired_bootstrap, portable_paths
+from nslora_plugin.apps.harness.compare import portable_paths
+from nslora_plugin.apps.harness.tables import point_call
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -40,12 +45,10 @@ def _mixes(text: str) -> list[float]:
     return values
 
 
-def arm_interval(result: dict[str, Any], arm: str, n_boot: int) -> tuple[float, float, float]:
-    """Mean held-out accuracy of `arm` over seeds and its 95 % bootstrap interval."""
-    runs = list(result.get("per_seed", {}).values()) or [result["arms"]]
-    passed = [r[arm]["held_out_passed"] for r in runs]
-    zeros = [{k: 0 for k in p} for p in passed]
-    return paired_bootstrap(passed, zeros, n_boot)
+def arm_interval(result: dict[str, Any], arm: str, n_boot: int) -> Interval:
+    """Mean held-out accuracy of `arm` over task instances and seeds and its 95 % hierarchical
+    bootstrap interval (`point, low, high = arm_interval(...)` unpacks it)."""
+    return _arm_interval(result, arm, n_boot)
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,10 +68,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         result = run_compare(point_args)
         summary = {}
         for arm, a in result["arms"].items():
-            mean, lo, hi = arm_interval(result, arm, args.bootstrap)
-            summary[arm] = {"accuracy": round(mean, 4), "accuracy_sd": a["held_out"].get("accuracy_sd", 0.0),
-                            "interval95": [round(lo, 4), round(hi, 4)],
-                            "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]])}
+            iv = arm_interval(result, arm, args.bootstrap)
+            summary[arm] = {"accuracy": round(iv.point, 4), "accuracy_sd": a["held_out"].get("accuracy_sd", 0.0),
+                            "interval95": [round(iv.low, 4), round(iv.high, 4)],
+                            "levels": iv.levels,
+                            "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]]),
+                            "per_run": a["held_out"].get("accuracy_per_run")}
         points.append({"style_share": mix, "arms": summary, "verdict": result.get("verdict"),
                        "result": result})
     sweep = {"command": points[0]["result"]["command"] if points else "", "mixes": mixes,
@@ -97,13 +102,15 @@ def markdown(sweep: dict[str, Any]) -> str:
         for point in sweep["points"]:
             s = point["arms"][arm]
             cells.append(f"{s['accuracy']:.3f} ± {s['accuracy_sd']:.3f} "
-                         f"[{s['interval95'][0]:.3f}, {s['interval95'][1]:.3f}]")
+                         f"[{s['interval95'][0]:.3f}, {s['interval95'][1]:.3f}]"
+                         + (f" ({s['levels']})" if s.get("levels") else ""))
         rows.append(cells)
-    winners = ", ".join(f"{100 - 100 * p['style_share']:g}/{100 * p['style_share']:g}: "
-                        f"{(p['verdict'] or {}).get('winner') or ' = '.join((p['verdict'] or {}).get('tied') or [])}"
-                        for p in sweep["points"])
+    calls = "; ".join(f"{100 - 100 * p['style_share']:g}/{100 * p['style_share']:g}: "
+                      f"{point_call(p.get('verdict'))}" for p in sweep["points"])
     return (markdown_table(columns, rows)
-            + f"\nheld-out accuracy, mean ± sd over seeds [95 % bootstrap interval]; winner per mix: {winners}\n")
+            + "\nheld-out accuracy, mean ± sd over runs [95 % hierarchical bootstrap interval] "
+              "(task seeds × training seeds × held-out items); highest arm per mix, against the "
+              f"runner-up (a tie when the paired interval contains 0): {calls}\n")
 
 
 def plot(sweep: dict[str, Any], path: Path) -> Path | None:

@@ -13,8 +13,13 @@ Synthetic "facts + format" (`make_facts_task`), right answer known by constructi
   question about one entity never carries the answer of another.
 - Several paraphrases of each question. Training rows use the first `train_paraphrases`
   templates, probe rows the next one, held-out rows the last one: the probe and held-out rows ask
-  about the *same facts* the training rows teach, in words the training rows never used, so what
-  the weights learned has to transfer.
+  about facts the training rows teach, in words the training rows never used, so what the weights
+  learned has to transfer. Held-out facts are none of the probe's (the gate) or the pool's, nor
+  share an answer with them: editors quote those rows (failing probe rows, pool demonstrations),
+  and a quoted answer in the prompt would hand the held-out row its answer.
+- `answer_leaks` / `check_no_answer_in_prompt`: the run-time check that no held-out answer sits in
+  a prompt the row is evaluated under (the system prompt, demonstrations included, and the
+  question); `nslora compare` and `nslora demo` stop, naming the row, when one does.
 - A format rule the model does not follow unless told: a correct reply ends with a line
   `Final: <answer>`. Training replies are one plain sentence *without* that line, so only the
   prompt (a symbolic update) can bring the format; probe and held-out references include it.
@@ -47,10 +52,13 @@ from nslora_plugin.core.answers import answers_match, extract_final_answer, form
 
 __all__ = [
     "ATTRIBUTES",
+    "AnswerInPrompt",
     "FACTS_SYSTEM_PROMPT",
     "FINAL_FORMAT",
     "FINAL_INSTRUCTION",
     "Task",
+    "answer_leaks",
+    "check_no_answer_in_prompt",
     "failure_kind",
     "load_jsonl_task",
     "load_task",
@@ -127,6 +135,72 @@ def failure_kind(answer: str | None, completion: str, *, answer_format: str = FI
         final = extract_final_answer(completion, answer_pattern or answer_format)
         return None if answers_match(final, answer) else "numerical"
     return "symbolic" if fact_present(answer, completion, fact_match) else "numerical"
+
+
+# ------------------------------------------------------------------ no answers in prompts
+class AnswerInPrompt(SystemExit):
+    """A held-out answer appears in a prompt the row is evaluated under: the run stops (exit
+    status 1), naming the row; its score would measure copying, not learning."""
+
+    def __init__(self, leaks: list[dict[str, Any]], where: str) -> None:
+        self.leaks = leaks
+        first = leaks[0]
+        more = f" (and {len(leaks) - 1} more held-out rows)" if len(leaks) > 1 else ""
+        super().__init__(
+            f"held-out answer in an evaluated prompt ({where}): row {first['row']!r} — its "
+            f"{first['what']} {first['needle']!r} appears in the {first['in']}: "
+            f"...{first['context']}...{more}. No held-out answer may appear in a prompt it is "
+            "evaluated under (demonstrations, rewritten questions, editor rationales).")
+
+
+def answer_leaks(rows: list[dict[str, Any]], system_prompt: str | None, *,
+                 fact_match: str = "contains",
+                 questions: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Held-out rows whose answer appears in the system prompt (as a whole word or phrase,
+    case-insensitive) or in the question they are asked (`questions[row id]` when rewritten,
+    else the row's own). Numeric answers (`fact_match="number"`: GSM8K) are too common to look
+    for alone: there the row's question or its reference reply in the prompt counts. A synthetic
+    row whose question states its fact by design (`fact_in_question`, the sweep's knob) is not
+    checked against its own question."""
+    leaks: list[dict[str, Any]] = []
+    prompt = system_prompt or ""
+    for i, r in enumerate(rows):
+        row_id = str(r.get("id", f"#{i}"))
+        question = (questions or {}).get(row_id, r.get("question", ""))
+        if fact_match == "number":
+            body = str(r.get("answer", "")).split("\nFinal:")[0].strip()
+            needles = [("question", str(r.get("question", "")).strip()), ("reference reply", body)]
+            places = [("system prompt", prompt)]
+        else:
+            needles = [("answer", str(r.get("final_answer") or "").strip())]
+            places = [("system prompt", prompt)]
+            if not r.get("fact_in_question") or question != r.get("question"):
+                places.append(("question", question))
+        for what, needle in needles:
+            if not needle:
+                continue
+            for where, text in places:
+                found = (" ".join(needle.casefold().split()) in " ".join(text.casefold().split())
+                         if fact_match == "number" else phrase_in_text(needle, text))
+                if text and found:
+                    at = text.casefold().find(needle.casefold())
+                    context = text[max(at - 40, 0):at + len(needle) + 40].replace("\n", " ")
+                    leaks.append({"row": row_id, "what": what, "needle": needle, "in": where,
+                                  "context": context})
+                    break
+            else:
+                continue
+            break
+    return leaks
+
+
+def check_no_answer_in_prompt(rows: list[dict[str, Any]], system_prompt: str | None, where: str, *,
+                              fact_match: str = "contains",
+                              questions: dict[str, str] | None = None) -> None:
+    """Raise `AnswerInPrompt`, naming the first row, if `answer_leaks` finds one."""
+    leaks = answer_leaks(rows, system_prompt, fact_match=fact_match, questions=questions)
+    if leaks:
+        raise AnswerInPrompt(leaks, where)
 
 
 # ------------------------------------------------------------------ fictional names
@@ -220,9 +294,11 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
 
     Facts: `n_entities` x `attributes`. Training: every fact under templates
     `0 .. train_paraphrases-1` (reply without the `Final:` line). Probe: `probe_size` facts under
-    template `train_paraphrases` (the next one). Held-out: `held_out_size` facts (default: all)
-    under the last template. Probe and held-out references end with `Final: <answer>`. Pool:
-    `pool_size` other facts (none of the probe's) under the probe's template, with `Final:`.
+    template `train_paraphrases` (the next one). Pool: `pool_size` other facts (none of the
+    probe's) under the probe's template, with `Final:`. Held-out: `held_out_size` facts (default:
+    every fact left) under the last template, disjoint from the gate (probe) and the pool — the
+    rows an editor may quote — and with no answer that a gate or pool row states (two countries
+    may share an export). Probe and held-out references end with `Final: <answer>`.
 
     `context_share` is the knob of the "when" sweep: that share of the facts (seeded) is stated
     in every question about it, in every split ("Note: the capital of X is Y."), so the model can
@@ -264,18 +340,30 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
     random.Random(seed + 1).shuffle(train)
     rng = random.Random(seed + 2)
     probe_facts = rng.sample(facts, min(probe_size, len(facts)))
-    held_facts = facts if held_out_size is None else rng.sample(facts, min(held_out_size, len(facts)))
-    probe = [row(e, a, probe_t, "probe", True) for e, a in probe_facts]
-    held_out = [row(e, a, held_t, "held", True) for e, a in held_facts]
     others = [f for f in facts if f not in probe_facts]
     pool_facts = random.Random(seed + 3).sample(others, min(pool_size, len(others)))
+    probe = [row(e, a, probe_t, "probe", True) for e, a in probe_facts]
     pool = [row(e, a, probe_t, "pool", True) for e, a in pool_facts]
+    # held-out facts: none of the gate's or the pool's (an editor may quote those rows), and no
+    # answer that any of those rows states (an export shared by two countries)
+    quotable = " \n".join(f"{r['question']} \n{r['answer']}" for r in probe + pool)
+    eligible = [(e, a) for e, a in others if (e, a) not in pool_facts
+                and not phrase_in_text(e[a], quotable)]
+    if not eligible:
+        raise ValueError(f"no fact is left for the held-out split: {len(facts)} facts, "
+                         f"{len(probe_facts)} in the gate, {len(pool_facts)} in the pool (raise "
+                         "n_entities or lower probe_size / pool_size)")
+    held_facts = eligible if held_out_size is None else rng.sample(eligible, min(held_out_size, len(eligible)))
+    held_out = [row(e, a, held_t, "held", True) for e, a in held_facts]
     return Task(name="synthetic", train=train, probe=probe, held_out=held_out, pool=pool,
                 fact_match="contains",
                 meta={"entities": n_entities, "attributes": list(attributes), "seed": seed,
                       "facts": len(facts), "train_paraphrases": list(range(train_paraphrases)),
                       "probe_paraphrase": probe_t, "held_out_paraphrase": held_t,
-                      "context_share": context_share, "facts_in_question": len(given)})
+                      "context_share": context_share, "facts_in_question": len(given),
+                      "held_out_rule": "facts of neither the gate nor the pool, and no answer "
+                                       "a gate or pool row states",
+                      "held_out_excluded_shared_answer": len(others) - len(pool_facts) - len(eligible)})
 
 
 # ------------------------------------------------------------------ GSM8K / JSONL

@@ -25,29 +25,58 @@ def _verdict(result: dict[str, Any]) -> str:
         f'<p class="muted">{esc(note)}</p>' if note else "")
 
 
+def _interval_cell(held: dict[str, Any]) -> str | None:
+    iv = held.get("accuracy_interval95")
+    return f"[{iv['low']:.3f}, {iv['high']:.3f}] ({iv['levels_text']})" if iv else None
+
+
+def _mix_cell(a: dict[str, Any]) -> str | None:
+    mix = a.get("mix")
+    if not mix:
+        return None
+    share = mix.get("pool_share") or 0.0
+    measured = mix.get("pool_share_measured")
+    return (f"{100 * share:.0f} %" + (f" (measured {100 * measured:.0f} %)" if measured is not None else "")
+            + f" — {mix.get('how', '')}")
+
+
 def _arms_table(result: dict[str, Any]) -> str:
     rows = []
     for arm, a in (result.get("arms") or {}).items():
         held = a.get("held_out") or {}
-        rows.append([arm, *(held.get(k) for k, _ in ARM_COLUMNS), a.get("edits_proposed"),
-                     a.get("edits_accepted"), a.get("editor_calls"), a.get("editor_tokens"),
-                     a.get("wall_seconds")])
+        gate = a.get("gate") or {}
+        study = a.get("interventions") or {}
+        agreement = (a.get("router") or {}).get("label_rule_agreement")
+        rows.append([arm, *(held.get(k) for k, _ in ARM_COLUMNS), _interval_cell(held), _mix_cell(a),
+                     a.get("edits_proposed"), a.get("edits_accepted"), gate.get("accepted_on_gain"),
+                     gate.get("accepted_on_tie_break"), agreement,
+                     study.get("label_accuracy_vs_interventions"), a.get("editor_calls"),
+                     a.get("editor_tokens"), a.get("wall_seconds")])
     base = result.get("base") or {}
     if base:
-        rows.append(["base (untouched)", *(base.get(k) for k, _ in ARM_COLUMNS), None, None, None, None, None])
-    headers = ["arm", *(w for _, w in ARM_COLUMNS), "edits proposed", "edits accepted", "editor calls",
-               "editor tokens", "wall seconds"]
-    return table(headers, rows, numeric=range(1, len(headers)))
+        rows.append(["base (untouched)", *(base.get(k) for k, _ in ARM_COLUMNS),
+                     *([None] * 13)])
+    headers = ["arm", *(w for _, w in ARM_COLUMNS), "95 % interval (task seeds × seeds × items)",
+               "pool mix", "edits proposed", "edits accepted", "accepted on a reward gain",
+               "accepted on the tie-break", "router label/rule agreement (not accuracy)",
+               "router vs interventions", "editor calls", "editor tokens", "wall seconds"]
+    return table(headers, rows, numeric=[i for i in range(1, len(headers)) if i not in (6, 7)])
 
 
 def _per_seed_table(result: dict[str, Any]) -> str:
-    per_seed = result.get("per_seed") or {}
-    if len(per_seed) < 2:
-        return ""
+    """Held-out accuracy per run: (task seed, training seed) in this version's `runs`, training
+    seed in older files' `per_seed`."""
     arms = list(result.get("arms") or {})
-    rows = [[f"seed {seed}", *((runs.get(arm) or {}).get("held_out", {}).get("accuracy") for arm in arms)]
-            for seed, runs in per_seed.items()]
-    return "<h3>Held-out accuracy per seed</h3>" + table(["seed", *arms], rows, numeric=range(1, len(arms) + 1))
+    if result.get("runs"):
+        flat = [(f"task seed {ts} · seed {s}", r) for ts, by_seed in result["runs"].items()
+                for s, r in by_seed.items()]
+    else:
+        flat = [(f"seed {s}", r) for s, r in (result.get("per_seed") or {}).items()]
+    if len(flat) < 2:
+        return ""
+    rows = [[name, *((runs.get(arm) or {}).get("held_out", {}).get("accuracy") for arm in arms)]
+            for name, runs in flat]
+    return "<h3>Held-out accuracy per run</h3>" + table(["run", *arms], rows, numeric=range(1, len(arms) + 1))
 
 
 def _splits(result: dict[str, Any]) -> str:
@@ -90,16 +119,18 @@ def sweep_body(sweep: dict[str, Any]) -> str:
             s = p.get("arms", {}).get(arm) or {}
             lo, hi = (s.get("interval95") or [None, None])[:2]
             cells.append(f"{s.get('accuracy', float('nan')):.3f} ± {s.get('accuracy_sd', 0.0):.3f} "
-                         + (f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""))
+                         + (f"[{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+                         + (f" ({s['levels']})" if s.get("levels") else ""))
         rows.append(cells)
-    winners = []
-    for p in points:
-        v = p.get("verdict") or {}
-        winners.append((f"{100 * p.get('style_share', 0):g} %", v.get("winner") or " = ".join(v.get("tied") or []) or "–"))
+    from nslora_plugin.apps.harness.tables import point_call
+
+    winners = [(f"{100 * p.get('style_share', 0):g} %", point_call(p.get("verdict"))) for p in points]
     return (image(plots.sweep_png(sweep), "held-out accuracy against the share of style weaknesses")
-            + table(headers, rows) + "<p class=\"muted\">held-out accuracy, mean ± sd over seeds "
-            "[95 % bootstrap interval over held-out rows and seeds]</p>"
-            + "<h3>Highest arm at each mix</h3>" + table(["style share", "highest"], winners))
+            + table(headers, rows) + "<p class=\"muted\">held-out accuracy, mean ± sd over runs "
+            "[95 % bootstrap interval] (the n of each level: task seeds × training seeds × held-out "
+            "items; results files of older versions resampled held-out rows within each seed)</p>"
+            + "<h3>Highest arm at each mix</h3>" + table(["style share", "highest (a tie when the "
+                                                          "paired interval contains 0)"], winners))
 
 
 def render_compare(result: dict[str, Any], sweep: dict[str, Any] | None = None) -> str:

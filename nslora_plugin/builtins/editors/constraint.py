@@ -7,6 +7,11 @@ The constraints are the ones the reward functions check (`rewards.CONSTRAINT_COM
 answer format (regex, stated by `format_instruction` or derived from the regex), the reply length
 (`max_reply_chars`) and JSON replies (`reply_json`). One candidate covers every constraint that some
 failure violates and that the prompt does not state yet.
+
+`format_instruction: ""` (empty, not unset) hides the format rule from every editor: it is not
+stated in words nor derived from the regex (`constraint_statements` leaves it out, and the TextGrad
+editor reads its constraints from there). With nothing else to state the constraint editor is then
+unavailable, and says so (`nslora compare --hide-format-rule`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,23 @@ from nslora_plugin.core.records import EditorStatus, EditProposal, ProbeResult
 NAME = "constraint"
 
 
+HIDDEN_RULE = ("the format rule is hidden from the editors (format_instruction is empty), and "
+               "stating the constraints is all the constraint editor does")
+
+
+def format_hidden(config: NSLoRAConfig) -> bool:
+    """`format_instruction: ""`: no editor may be told anything about the format, the regex
+    included."""
+    return config.format_instruction is not None and not config.format_instruction.strip()
+
+
 def constraint_statements(config: NSLoRAConfig) -> dict[str, str]:
-    """Reward component → the constraint in words, for every configured constraint (in order)."""
+    """Reward component → the constraint in words, for every configured constraint (in order);
+    no format statement when the rule is hidden (`format_hidden`)."""
     out: dict[str, str] = {}
     if config.format_instruction:
         out["format"] = config.format_instruction.strip()
-    elif config.answer_format:
+    elif config.answer_format and not format_hidden(config):
         out["format"] = f"Your reply must contain a line matching the pattern {config.answer_format}"
     if config.reply_json:
         out["json"] = "Reply with one valid JSON value and nothing else (no prose, no code fences)."
@@ -47,13 +63,19 @@ def violated_constraints(failures: Sequence[ProbeResult], config: NSLoRAConfig) 
 class ConstraintEditor:
     name = NAME
 
-    @hookimpl
-    def nslora_editor_start(self) -> EditorStatus:
+    @staticmethod
+    def _status(config: NSLoRAConfig) -> EditorStatus:
+        if format_hidden(config) and not constraint_statements(config):
+            return EditorStatus(NAME, ready=False, reason=HIDDEN_RULE)
         return EditorStatus(NAME, ready=True)  # no LLM: always able to edit
 
     @hookimpl
-    def nslora_editor_status(self) -> EditorStatus:
-        return EditorStatus(NAME, ready=True)
+    def nslora_editor_start(self, config: NSLoRAConfig) -> EditorStatus:
+        return self._status(config)
+
+    @hookimpl
+    def nslora_editor_status(self, config: NSLoRAConfig) -> EditorStatus:
+        return self._status(config)
 
     @hookimpl(trylast=True)
     def nslora_propose_edit(self, prompt: str, failures: Sequence[ProbeResult],
