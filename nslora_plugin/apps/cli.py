@@ -1,6 +1,6 @@
 """The `nslora` command: `nslora demo`, `nslora compare`, `nslora sweep`, `nslora show RUN_DIR`,
 `nslora report RUN_DIR`, `nslora generate RUN_DIR "question"`, `nslora doctor --model ...`,
-`nslora version` (or `nslora --version`)."""
+`nslora student build|path|check`, `nslora version` (or `nslora --version`)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     build_sweep_parser(sub.add_parser(
         "sweep", help="the 'when' sweep: compare's arms over a mix of fact and format weaknesses",
         description="Run nslora compare at each --mix point and write a table and a plot."))
+    from nslora_plugin.apps.student.command import build_parser as build_student_parser
+
+    build_student_parser(sub.add_parser(
+        "student", help="the warmed student: a format-following warm-up of the embedded model",
+        description="Build, locate and check the warmed student."))
     args = parser.parse_args(argv)
 
+    if args.command == "student":
+        from nslora_plugin.apps.student.command import run as run_student
+
+        return run_student(args)
     if args.command == "sweep":
         from nslora_plugin.apps.harness.sweep import run_sweep
 
