@@ -93,3 +93,28 @@ def server(module_server):
     """The module's fault server, reset to healthy behaviour for each test."""
     module_server.reset()
     return module_server
+
+
+# ------------------------------------------------------------------------------------------------
+# A real full disk: a small tmpfs (needs root; skips and says why otherwise)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted under `tmp_path` (fill it with `tiny.fill_disk` or `tiny.DiskFiller`);
+    unmounted after the test. Skips where it cannot be mounted (not root, no tmpfs)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a small tmpfs, and mounting one needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"could not mount a small tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -63,6 +63,21 @@ def test_the_final_card_carries_prompt_loading_code_decisions_and_probe_numbers(
     assert "### Framework versions" in card and card.index(BEGIN) < card.index("## Model Details")
 
 
+def test_the_card_is_tagged_for_the_hub_beside_peft_and_trl(trained):
+    import yaml
+
+    from nslora_plugin.trainer.card import TAGS, with_tags
+
+    root, _ = trained
+    for folder in (root / "final", root / "run"):
+        card = (folder / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert set(TAGS) <= set(meta["tags"]) and meta["library_name"], meta  # PEFT's / TRL's kept
+        assert with_tags(card) == card  # tagging again changes nothing
+    assert with_tags("# A card\n").startswith("---\ntags:\n- nslora\n- arxiv:2601.12711\n---\n")
+    assert "arxiv:2601.12711" in with_tags("---\ntags: lora\n---\n# x\n")
+
+
 def test_checkpoint_and_run_folder_cards_have_it_and_survive_trl_rewriting_them(trained):
     root, trainer = trained
     for folder in (root / "run" / "checkpoint-2", root / "run" / "checkpoint-4", root / "run"):

@@ -17,7 +17,7 @@ def res(eid, ok, completion=""):
 
 
 def test_rows_come_from_failures_and_fixed_examples():
-    cfg = NSLoRAConfig(editor="constraint", answer_format=r"^Answer: \d+$")
+    cfg = NSLoRAConfig(editor="constraint", answer_format=r"^Answer: (\d+)$")
     pm = make_plugin_manager(cfg)
     examples = {
         "a": ProbeExample("a", "Q a?", "work\nAnswer: 1", "1"),

@@ -73,7 +73,7 @@ def test_flat_and_mapping_forms_validate_to_the_same_keys(probe_file):
     ({"nslora_editor": "gpt"}, ["nslora_editor", "'textgrad', 'constraint', 'demonstrations', 'none'"]),
     ({"dataloader_num_workers": 2}, ["dataloader_num_workers: 2", "set dataloader_num_workers: 0"]),
     ({"rl": "dpo"}, ["rl: dpo"]),
-    ({"nslora_probe_path": "missing.jsonl"}, ["nslora_probe_path", "missing.jsonl", "does not exist"]),
+    ({"nslora_probe_path": "missing.jsonl"}, ["nslora_probe_path", "missing.jsonl", "no such file"]),
 ])
 def test_bad_settings_are_rejected_naming_the_key(probe_file, data, needles):
     from pydantic import ValidationError

@@ -223,7 +223,7 @@ def test_length_and_json_rewards():
 
 
 def test_constraint_editor_states_each_violated_constraint():
-    cfg = NSLoRAConfig(answer_format=r"^Answer: \d+$", format_instruction=FORMAT_INSTRUCTION,
+    cfg = NSLoRAConfig(answer_format=r"^Answer: (\d+)$", format_instruction=FORMAT_INSTRUCTION,
                        reply_json=True, max_reply_chars=50)
     statements = constraint_statements(cfg)
     assert set(statements) == {"format", "json", "length"}

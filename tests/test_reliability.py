@@ -15,10 +15,9 @@ import pytest
 
 from nslora_plugin import NSLoRAConfig
 from nslora_plugin.core.data import load_probe_examples, make_word_problems
-from nslora_plugin.core.hookspecs import hookimpl
 from nslora_plugin.integrations.trl import attach
 
-from tiny import edit_config, load_tokenizer, sft_trainer
+from tiny import DiskFiller, edit_config, load_tokenizer, sft_trainer
 
 ROWS = make_word_problems(48, seed=21)
 
@@ -158,48 +157,6 @@ def test_resume_with_prompts_as_data_is_bit_identical(tmp_path, default_model_di
 
 
 # ------------------------------------------------------------------ 2. a full disk
-class DiskFiller:
-    """At the route record of `fill_at`, fills the run folder's disk to the last byte; at the
-    route record of `free_at`, frees it again."""
-
-    def __init__(self, mount, fill_at: int, free_at: int) -> None:
-        self.mount, self.fill_at, self.free_at = mount, fill_at, free_at
-        self.filler = mount / "filler.bin"
-
-    @hookimpl
-    def nslora_on_decision(self, record, run) -> None:
-        if record.kind != "route":
-            return
-        if record.step == self.fill_at:
-            with open(self.filler, "wb") as fh:
-                try:
-                    while True:
-                        fh.write(b"\0" * 4096)
-                        fh.flush()
-                except OSError:
-                    pass
-        elif record.step == self.free_at:
-            self.filler.unlink(missing_ok=True)
-
-
-@pytest.fixture()
-def small_disk(tmp_path):
-    import os
-
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a real full disk needs a small tmpfs, and mounting one needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"could not mount a small tmpfs here ({done.stderr.strip()})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_a_full_disk_under_the_artifacts_never_stops_training_or_loses_a_record(
         tmp_path, default_model_dir, small_disk, caplog):
     tok = load_tokenizer(default_model_dir)
@@ -253,7 +210,7 @@ def test_probe_file_and_editor_are_checked_before_the_model_is_loaded(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="nslora"):
         problem = preflight(down)
     assert problem and problem.startswith("editor endpoint unreachable")
-    assert any("will train numerically" in r.getMessage() for r in caplog.records)
+    assert any("; the constraint editor stands in" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match="editor endpoint unreachable.*on_editor_down"):
         preflight(down.replace(on_editor_down="fail"))
     assert preflight(down.replace(editor="constraint")) is None

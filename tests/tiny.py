@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nslora_plugin.core.hookspecs import hookimpl
+
 SYSTEM = "You are a helpful assistant."
 ANSWER_FORMAT = r"^Answer: (-?\d+)\s*$"
 FORMAT_INSTRUCTION = "End your reply with a final line 'Answer: <number>'."
@@ -125,3 +127,31 @@ def run_from_base_folder(tokenizer: Any, root: Path, *, max_steps: int, save_ste
     callback = attach(trainer, config, probe=rows[32:])
     trainer.train()
     return trainer, callback
+
+
+def fill_disk(path: Path) -> None:
+    """Fill the disk under `path` (a file of that name) to the last byte."""
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+class DiskFiller:
+    """An NSLoRA plugin that, at the route record of step `fill_at`, fills the disk under `mount`
+    to the last byte and, at the route record of `free_at` (None: never), frees it again."""
+
+    def __init__(self, mount: Path, fill_at: int, free_at: int | None = None) -> None:
+        self.mount, self.fill_at, self.free_at = mount, fill_at, free_at
+        self.filler = mount / "filler.bin"
+
+    @hookimpl
+    def nslora_on_decision(self, record: Any, run: Any) -> None:
+        if record.kind != "route":
+            return
+        if record.step == self.fill_at:
+            fill_disk(self.filler)
+        elif record.step == self.free_at:
+            self.filler.unlink(missing_ok=True)

@@ -111,6 +111,7 @@ class NSLoRAPlugin(_Base):  # type: ignore[misc,valid-type]
         log.info("NSLoRA: done — prompt version %s, decisions %s, artifacts in %s",
                  summary.get("prompt_version", loop.prompt_version),
                  summary.get("decisions", loop.decision_counts), loop.artifacts_root)
+        loop.say_where_the_record_is()  # the last line: records the run folder lacks, if any
 
 
 class _AxolotlConsole:

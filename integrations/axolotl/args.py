@@ -27,12 +27,13 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from nslora_plugin.core.artifacts import folder_problem
 from nslora_plugin.core.config import FieldSpec, NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.data import data_file_problem
 from nslora_plugin.core.keys import PREFIX, SWITCH, did_you_mean, flat_key, normalize_key, parse_switch
 
 __all__ = ["NSLoRAArgs", "PREFIX", "SWITCH", "collect_settings", "config_from_axolotl",
@@ -63,11 +64,14 @@ def _unknown(key: str, mapping_form: bool) -> NSLoRAConfigError:
         f"{did_you_mean(key, choices)} Allowed: " + ", ".join(choices))
 
 
-def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict[str, str]]:
+def collect_settings(cfg: Mapping[str, Any], *, keep_null: bool = False,
+                     ) -> tuple[bool, dict[str, Any], dict[str, str]]:
     """Return (enabled, settings without prefix, setting -> YAML key it came from).
 
-    Only explicitly set (non-None) values are collected. Enabling needs `nslora: true`,
-    `nslora_enabled: true` or an `nslora:` mapping; `nslora_*` keys alone do not switch it on.
+    Only explicitly set (non-None) values are collected, unless `keep_null`: the raw YAML, where a
+    key written as `null` is a value the config must judge (it refuses None for a setting that
+    needs one), not "not given". Enabling needs `nslora: true`, `nslora_enabled: true` or an
+    `nslora:` mapping; `nslora_*` keys alone do not switch it on.
     """
     settings: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -79,7 +83,7 @@ def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict
             key = normalize_key(str(raw_key))
             if key not in _FIELDS:
                 raise _unknown(key, mapping_form=True)
-            if value is not None:
+            if value is not None or keep_null:
                 settings[key] = value
                 origin[key] = _yaml_key(key, mapping_form=True)
     elif switch is not None:
@@ -87,7 +91,7 @@ def collect_settings(cfg: Mapping[str, Any]) -> tuple[bool, dict[str, Any], dict
 
     for raw_key, value in cfg.items():
         key = str(raw_key)
-        if not key.startswith(PREFIX) or value is None:
+        if not key.startswith(PREFIX) or (value is None and not keep_null):
             continue
         if key not in _FLAT_KEYS:
             raise _unknown(key, mapping_form=False)
@@ -149,7 +153,7 @@ def normalize_axolotl_cfg(data: dict[str, Any]) -> dict[str, Any]:
 
     Raises `NSLoRAConfigError` (a ValueError, so pydantic reports it) naming the offending key.
     """
-    enabled, settings, origin = collect_settings(data)
+    enabled, settings, origin = collect_settings(data, keep_null=True)
     if not settings and SWITCH not in data:
         return data
     config = _build({**settings, "enabled": enabled}, origin)
@@ -176,10 +180,15 @@ def _check_axolotl_settings(data: Mapping[str, Any], config: NSLoRAConfig,
             "examples (rows with `messages`, or `question`/`answer`) that NSLoRA scores at each check")
     for name in ("probe_path", "pool_path"):
         path = getattr(config, name)
-        if path is not None and not Path(path).is_file():
-            raise NSLoRAConfigError(
-                f"{origin.get(name, flat_key(name))}: file {path!r} does not exist (relative paths "
-                f"are read from the working directory, {str(Path.cwd())!r})")
+        problem = data_file_problem(path) if path is not None else None
+        if problem:
+            raise NSLoRAConfigError(f"{origin.get(name, flat_key(name))}: {path!r}: {problem}",
+                                    key=name)
+    problem = folder_problem(config.output_dir) if config.output_dir is not None else None
+    if problem:
+        key = origin.get("output_dir", flat_key("output_dir"))
+        raise NSLoRAConfigError(f"{key}: {config.output_dir!r}: {problem}, so the NSLoRA folder "
+                                f"cannot be made there; set {key} to a folder path", key="output_dir")
     # sample_packing: true is fine: the multipack sampler hands the collator one list of examples
     # per pack, and NSLoRA splices each of them before Axolotl's collator concatenates the pack.
     workers = data.get("dataloader_num_workers")

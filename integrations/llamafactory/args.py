@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from nslora_plugin.core.artifacts import folder_problem
 from nslora_plugin.core.config import NSLoRAConfig, NSLoRAConfigError, config_fields
+from nslora_plugin.core.data import data_file_problem
 from nslora_plugin.core.keys import (CONFIG_KEY, PREFIX, SWITCH, clean_key, flat_key, is_nslora_key,
                                      parse_switch)
 from nslora_plugin.core.util import parse_bool
@@ -243,10 +245,16 @@ def prepare(cfg: Mapping[str, Any], *, base_dir: Path | None = None,
             "question/answer or prompt/completion) that NSLoRA scores at every check.", key="probe_path")
     for name in ("probe_path", "pool_path"):
         path = getattr(nslora, name)
-        if path is not None and not Path(path).is_file():
-            raise NSLoRAConfigError(
-                f"Invalid NSLoRA value nslora_{name}={path!r}: no such file "
-                f"(relative paths are read from the working directory, {os.getcwd()}).", key=name)
+        problem = data_file_problem(path) if path is not None else None
+        if problem:
+            raise NSLoRAConfigError(f"Invalid NSLoRA value nslora_{name}={path!r}: {problem}.",
+                                    key=name)
+    problem = folder_problem(nslora.output_dir) if nslora.output_dir is not None else None
+    if problem:
+        raise NSLoRAConfigError(
+            f"Invalid NSLoRA value nslora_output_dir={nslora.output_dir!r}: {problem}, so the "
+            "NSLoRA folder cannot be made there; set nslora_output_dir to a folder path",
+            key="output_dir")
 
     default_system = lf.get("default_system")
     if nslora.system_prompt is not None:

@@ -17,8 +17,10 @@ Flags (all in the "NSLoRA" group of `--help`):
 
 The per-field flags come from the core's flag generator (`cli_flags()` in `core/config.py`: type,
 allowed values, help text), so a field added to the core config becomes a flag here, with its
-help, without touching this file. Every generated flag defaults to None ("not given"), so the order of precedence is: flag > `--nslora_config` file > the
-`NSLoRAConfig` default printed in the help. The same keys work in a TRL `--config` YAML
+help, without touching this file. Every generated flag defaults to `NOT_GIVEN`, so the order of
+precedence is: flag > `--nslora_config` file > the `NSLoRAConfig` default printed in the help. An
+explicit `none` / `null` is a value, not "not given": the config refuses it for a setting that needs
+one (`--nslora_check_every none` is an error, as in every other adapter). The same keys work in a TRL `--config` YAML
 (`nslora: true`, `nslora_check_every: 20`, ...), and `nslora:` there may also be a mapping of
 unprefixed settings (`nslora: {probe_path: probe.jsonl, check_every: 20}`).
 
@@ -45,11 +47,45 @@ log = logging.getLogger("nslora")
 _TYPES: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "list": list[str]}
 
 
+class _NotGiven:
+    """The default of every generated flag: "not given on the command line nor in a --config
+    YAML". Not None, because TRL's parser turns `--nslora_check_every none` (and a YAML `null`)
+    into None, and that must reach the config, which refuses it where a value is needed, rather
+    than read as "not given" and silently become the default."""
+
+    _instance: "_NotGiven | None" = None
+
+    def __new__(cls) -> "_NotGiven":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __copy__(self) -> "_NotGiven":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "_NotGiven":
+        return self
+
+
+NOT_GIVEN = _NotGiven()
+
+
 def _generated_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     """One `--nslora_<field>` per `NSLoRAConfig` field (the core's `cli_flags`, typed for
     HfArgumentParser); `enabled` is what `--nslora` switches, so it gets no flag of its own. The
-    flag's own default is None ("not given"); the help shows the NSLoRAConfig default."""
-    return [(dest, Optional[_TYPES[spec.kind]], field(default=None, metadata=options))
+    flag's own default is `NOT_GIVEN`; an explicit none / null is passed on to the config (which
+    refuses it for a setting that needs a value); the help shows the NSLoRAConfig default."""
+    return [(dest, Optional[_TYPES[spec.kind]],
+             field(default=NOT_GIVEN, metadata={**options, "default": NOT_GIVEN}))
             for dest, spec, options in cli_flags(typed=True, skip=("enabled",))]
 
 
@@ -79,10 +115,11 @@ class _NSLoRASwitch:
                         ", ".join("--" + k for k in sorted(self.given())))
 
     def given(self) -> dict[str, Any]:
-        """The `nslora_*` values set on the command line or in a --config YAML (not None)."""
+        """The `nslora_*` values set on the command line or in a --config YAML, an explicit none /
+        null included (the config decides whether the setting may be None)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name.startswith(PREFIX) and f.name != CONFIG_KEY
-                and getattr(self, f.name) is not None}
+                and getattr(self, f.name) is not NOT_GIVEN}
 
     def to_config(self) -> NSLoRAConfig | None:
         """The validated `NSLoRAConfig`, or None when `--nslora` is off."""

@@ -57,6 +57,49 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`_atomic_write` for bytes that are already scrubbed (log lines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(src: str, dst: str) -> str:
+    """`shutil.copy2` whole or not at all (a temporary next to `dst`, then a rename)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=f".{os.path.basename(dst)}.")
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _save_dataset(root: Path, rows: list[dict[str, Any]]) -> None:
+    """`rows` as a `datasets` folder `root/augmented` (written aside, then renamed into place)."""
+    from datasets import Dataset
+
+    target = root / "augmented"
+    tmp = root / ".augmented.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def append_line(path: Path, line: bytes) -> None:
     """Append `line` whole or not at all: a write the disk cut short is truncated back off."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -77,6 +120,18 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why a folder cannot be made at `path` (it, or a folder above it, is a file), or None."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            return (f"{str(candidate)!r} is a file, not a folder" if candidate == path else
+                    f"{str(candidate)!r}, a folder above it, is a file")
+    return None
+
+
 class RunFolderInUse(RuntimeError):
     """Another run holds this artifacts folder."""
 
@@ -85,8 +140,10 @@ class ArtifactStore:
     """The run folder. A failed write (a full disk, a lost mount) never raises into training: it
     is reported through `on_error(file, exc)`, leaves no torn file behind (whole files are
     written to a temporary and renamed; a log line that did not fit is cut back off), and is
-    retried — log lines are kept in order until they fit, whole files are rewritten at the next
-    save."""
+    retried — log lines are kept in order until they fit, whole files are kept in memory and
+    written again at the next flush. What the folder could not take (`missing`) goes from memory
+    into every copy (`copy_into`: a checkpoint, the end-of-run copy, a folder the user names), so
+    a copy on a disk with room is complete even when the run folder is not."""
 
     LOCK = ".run.lock"
 
@@ -96,6 +153,11 @@ class ArtifactStore:
         self._lock: Any = None
         self.on_error = on_error or (lambda name, exc: None)
         self._pending: dict[str, list[bytes]] = {}  # log lines not written yet, per file, in order
+        #: whole files not written yet: name -> writer(folder), the latest version of each
+        self._unwritten: dict[str, Callable[[Path], None]] = {}
+        self.errors: dict[str, str] = {}  # file -> why its last write in the run folder failed
+        #: the last `copy_into`: (its folder, whether everything reached it)
+        self.last_copy: tuple[Path, bool] | None = None
 
     def _guard(self, name: str, write: Callable[[], None]) -> bool:
         try:
@@ -105,15 +167,30 @@ class ArtifactStore:
             self.on_error(name, exc)
             return False
 
+    def _write_whole(self, name: str, writer: Callable[[Path], None]) -> bool:
+        """Write a whole file (or folder) of the run folder; if it fails, keep `writer` for the
+        next flush and for the copies."""
+        try:
+            writer(self.root)
+        except OSError as exc:
+            self._unwritten[name] = writer
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            self.on_error(name, exc)
+            return False
+        self._unwritten.pop(name, None)
+        self.errors.pop(name, None)
+        return True
+
     @property
     def pending_lines(self) -> int:
         return sum(len(v) for v in self._pending.values())
 
-    def copy_pending_into(self, other: "ArtifactStore") -> None:
-        """Append the log lines this folder could not take to `other`'s copies (a checkpoint)."""
-        for name, lines in self._pending.items():
-            for line in lines:
-                other._guard(name, lambda: append_line(other.path(name), line))
+    @property
+    def missing(self) -> dict[str, int | None]:
+        """What the run folder lacks: log file -> lines not written yet, whole file -> None."""
+        out: dict[str, int | None] = {name: len(lines) for name, lines in self._pending.items() if lines}
+        out.update({name: None for name in self._unwritten})
+        return dict(sorted(out.items()))
 
     def lock(self) -> None:
         """Hold the folder for this run. A second run on it stops here, with the reason; the lock
@@ -141,7 +218,7 @@ class ArtifactStore:
 
     def write_json(self, name: str, data: Any) -> bool:
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-        return self._guard(name, lambda: _atomic_write(self.path(name), text))
+        return self._write_whole(name, lambda root: _atomic_write(root / name, text))
 
     def append_jsonl(self, name: str, row: dict[str, Any]) -> bool:
         line = (redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n").encode("utf-8")
@@ -149,21 +226,30 @@ class ArtifactStore:
         return self.flush(name)
 
     def flush(self, name: str | None = None) -> bool:
-        """Write the log lines still pending (all files when `name` is None); False if some
-        still do not fit."""
+        """Write the log lines still pending (all files when `name` is None, and then the whole
+        files kept in memory too); False if some still do not fit."""
         ok = True
         for key in [name] if name is not None else list(self._pending):
             lines = self._pending.get(key) or []
             while lines:
-                if not self._guard(key, lambda: append_line(self.path(key), lines[0])):
+                try:
+                    append_line(self.path(key), lines[0])
+                except OSError as exc:
+                    self.errors[key] = f"{type(exc).__name__}: {exc}"
+                    self.on_error(key, exc)
                     ok = False
                     break
                 lines.pop(0)
+            if not lines:
+                self.errors.pop(key, None)
+        if name is None:
+            for key, writer in list(self._unwritten.items()):
+                ok = self._write_whole(key, writer) and ok
         return ok
 
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> bool:
         text = _jsonl(rows)
-        return self._guard(name, lambda: _atomic_write(self.path(name), text))
+        return self._write_whole(name, lambda root: _atomic_write(root / name, text))
 
     def write_prompt(self, current: str | None, version: int, initial: str | None,
                      history: list[dict[str, Any]]) -> bool:
@@ -174,31 +260,41 @@ class ArtifactStore:
     def write_augmented(self, rows: list[dict[str, Any]]) -> bool:
         ok = self.write_jsonl("augmented.jsonl", rows)
         if rows:
-            def save_dataset() -> None:
-                from datasets import Dataset
-
-                target = self.path("augmented")
-                tmp = self.path(".augmented.tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                try:
-                    Dataset.from_list(rows).save_to_disk(str(tmp))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-
-            ok = self._guard("augmented", save_dataset) and ok
+            snapshot = list(rows)
+            ok = self._write_whole("augmented", lambda root: _save_dataset(root, snapshot)) and ok
         return ok
 
     def copy_into(self, folder: str | Path) -> Path:
-        """Copy the artifacts into `folder/nslora` (a checkpoint or the final adapter folder)."""
+        """Copy the artifacts into `folder/nslora` (a checkpoint or the final adapter folder):
+        the run folder's files, with what it could not take written from memory (its pending log
+        lines after its own, the latest version of each unwritten whole file), each file whole or
+        not at all. `last_copy` says whether everything got there."""
         dest = Path(folder) / ARTIFACT_DIR
         if dest.resolve() == self.root.resolve():
+            self.last_copy = (dest, not self.missing)
             return dest
-        self._guard(f"{dest}", lambda: shutil.copytree(
-            self.root, dest, dirs_exist_ok=True,
-            ignore=shutil.ignore_patterns(*_NOT_COPIED, ".*.tmp", ".*")))
+        pending = {name: lines for name, lines in self._pending.items() if lines}
+        from_memory = set(pending) | set(self._unwritten)
+        skip = shutil.ignore_patterns(*_NOT_COPIED, ".*.tmp", ".*")
+
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            ignored = set(skip(folder, names))
+            if Path(folder) == self.root:
+                ignored |= from_memory & set(names)
+            return ignored
+
+        label = str(dest)
+        ok = self._guard(label, lambda: shutil.copytree(self.root, dest, dirs_exist_ok=True,
+                                                        ignore=ignore, copy_function=_atomic_copy))
+        for name, lines in pending.items():
+            def merged(name: str = name, lines: list[bytes] = lines) -> None:
+                own = self.path(name)
+                head = own.read_bytes() if own.is_file() else b""
+                _atomic_write_bytes(dest / name, head + b"".join(lines))
+            ok = self._guard(f"{label}/{name}", merged) and ok
+        for name, writer in list(self._unwritten.items()):
+            ok = self._guard(f"{label}/{name}", lambda writer=writer: writer(dest)) and ok
+        self.last_copy = (dest, ok)
         return dest
 
 

@@ -70,6 +70,10 @@ class NSLoRAConfig:
     report: bool = _opt(
         False, "run", "Write report.html (timeline plots, prompt history, router decisions, editor "
         "usage) into the artifacts folder at the end of training; plots need the `plots` extra.")
+    prompt_in_template: bool = _opt(
+        True, "run", "Save the optimized prompt in the chat template of every checkpoint, the "
+        "output_dir and folders given to save_artifacts (the system message of conversations that "
+        "have none), so serving the folder (vllm, TGI, transformers serve) uses it without nslora.")
 
     # monitor: C1 is the relative change of the windowed loss, C2 the windowed mean gradient norm
     monitor_window: int = _opt(10, "monitor", "Optimizer steps in the loss / gradient-norm window.",
@@ -213,8 +217,9 @@ class NSLoRAConfig:
 
     # rewards and constraints
     answer_format: Optional[str] = _opt(
-        None, "constraints", "Regex a compliant answer line matches (its first group, if any, is "
-        "the final answer); the 'format' reward component.")
+        None, "constraints", "Regex a compliant answer line matches (its first group is the final "
+        "answer: a group is required unless answer_pattern is set; a pattern matching every reply "
+        "is refused); the 'format' reward component.")
     format_instruction: Optional[str] = _opt(
         None, "constraints", "The format constraint in words, for the editors.")
     answer_pattern: Optional[str] = _opt(
@@ -302,6 +307,9 @@ class NSLoRAConfig:
                     re.compile(pattern)
                 except re.error as exc:
                     _fail(name, pattern, f"a valid regular expression ({exc})")
+                problem = pattern_problem(name, pattern, self.answer_pattern is not None)
+                if problem:
+                    _fail(name, pattern, problem)
         if self.editor_base_url is not None and not re.match(r"^https?://", self.editor_base_url):
             _fail("editor_base_url", self.editor_base_url,
                   "an http(s) URL such as 'http://127.0.0.1:8000/v1'")
@@ -410,6 +418,33 @@ def check_unknown_flags(strings: Sequence[str]) -> None:
         if flag.startswith("--" + SWITCH) and flag not in known:
             raise NSLoRAConfigError(f"Unknown NSLoRA flag {flag!r}.{did_you_mean(flag, known)}",
                                     key=normalize_key(flag[2:]))
+
+
+#: one-character replies no answer format can mean to accept all at once
+_ANY_REPLY = ("x", "7", "?", "{")
+
+
+def pattern_problem(name: str, pattern: str, has_answer_pattern: bool) -> str | None:
+    """Why `answer_format` / `answer_pattern` cannot do its job, or None. A pattern that matches
+    the empty string (or every reply) makes the format reward always pass and extracts empty
+    answers; an `answer_format` without a capture group, with no `answer_pattern`, would give
+    the whole line ("Answer: 38") as the final answer, so every correct reply scores 0."""
+    if not pattern:  # "" is no pattern at all, as None (nothing is scored or extracted with it)
+        return None
+    compiled = re.compile(pattern, re.MULTILINE)
+    if name == "answer_pattern" and compiled.search("") is not None:
+        return ("a pattern that matches the final answer only; this one matches an empty string, "
+                "so the answer it extracts can be empty — e.g. r'Answer: (-?\\d+)'")
+    if name == "answer_format" and (compiled.search("") is not None
+                                    or all(compiled.search(s) for s in _ANY_REPLY)):
+        return ("a pattern that only matches a compliant answer line; this one matches any reply "
+                "(an empty one too), so the format reward would always pass — e.g. "
+                "r'^Answer: (-?\\d+)\\s*$'")
+    if name == "answer_format" and compiled.groups == 0 and not has_answer_pattern:
+        return ("a capture group around the final answer, e.g. r'^Answer: (-?\\d+)\\s*$': without "
+                "one the whole matching line would be compared with the reference answer and every "
+                "correct reply would score 0; or set answer_pattern to the regex that extracts it")
+    return None
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:

@@ -6,6 +6,10 @@ Accepted row shapes (JSONL file, `datasets.Dataset`, or list of dicts):
   is the reference),
 - `{"question": ..., "answer": ...}` (GSM8K: the final answer follows `#### `),
 - `{"prompt": ..., "completion": ...}` (strings or chat lists, as TRL accepts).
+
+Every row needs a non-empty answer (the reference reply, or `final_answer` when given). A system
+message in a row is kept on its example (`ProbeExample.system`): every row is probed under the
+run's prompt, so the loop refuses one that differs from it rather than drop it without a word.
 """
 
 from __future__ import annotations
@@ -21,10 +25,23 @@ from nslora_plugin.core.answers import extract_final_answer
 from nslora_plugin.core.records import ProbeExample
 
 
+def data_file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a probe / pool file, in the words every adapter uses, or
+    None when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return ("it is a folder, not a file; point it at the JSONL file inside (rows with messages, "
+                "question/answer or prompt/completion)")
+    return f"no such file (relative paths are read from {str(Path.cwd())!r})"
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    problem = data_file_problem(path)
+    if problem:
+        raise FileNotFoundError(f"data file {str(path)!r}: {problem}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -59,6 +76,7 @@ def row_to_example(row: dict[str, Any], index: int, id_prefix: str = "") -> Prob
     """One probe example from any accepted row shape (see module docstring); a row without an
     `id` gets `id_prefix` + its index."""
     rid = str(row["id"]) if "id" in row else f"{id_prefix}{index}"
+    system: str | None = None
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
@@ -73,19 +91,36 @@ def row_to_example(row: dict[str, Any], index: int, id_prefix: str = "") -> Prob
             raise ValueError(f"row {rid}: 'messages' needs a user and an assistant turn")
         reference = assistants[-1]
         question = users[-1]
+        systems = [m["content"] for m in msgs if m.get("role") == "system"]
+        system = systems[-1] if systems else None
+        where = "the last assistant message"
     elif "question" in row and "answer" in row:
         for key in ("question", "answer"):
             if row[key] is None:
                 raise ValueError(f"row {rid}: {key!r} is null; give the text (or drop the row)")
         question, reference = str(row["question"]), str(row["answer"])
+        where = "'answer'"
     elif "prompt" in row and "completion" in row:
         question, reference = _content(row["prompt"]), _content(row["completion"])
+        if isinstance(row["prompt"], list):  # a chat-style prompt may carry a system message
+            systems = [m.get("content") for m in row["prompt"]
+                       if isinstance(m, dict) and m.get("role") == "system"]
+            system = str(systems[-1]) if systems else None
+            question = "\n".join(str(m.get("content", "")) for m in row["prompt"]
+                                  if isinstance(m, dict) and m.get("role") != "system")
+        where = "'completion'"
     else:
         raise ValueError(f"row {rid} has none of the accepted shapes: messages, question/answer, "
                          f"prompt/completion (keys: {sorted(row)})")
     final = row.get("final_answer")
+    if not reference.strip() or (final is not None and not str(final).strip()):
+        what = where if not reference.strip() else "'final_answer'"
+        raise ValueError(f"row {rid}: the answer ({what}) is empty; every probe row needs its "
+                         "reference answer, or nothing it is scored against can be right (give the "
+                         "answer, or drop the row)")
     answer = str(final) if final is not None else extract_final_answer(reference)
-    return ProbeExample(id=rid, question=question, reference=reference, answer=answer)
+    return ProbeExample(id=rid, question=question, reference=reference, answer=answer,
+                        system=system)
 
 
 def load_probe_examples(source: Any, limit: int | None = None, seed: int = 0,

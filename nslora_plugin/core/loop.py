@@ -24,7 +24,7 @@ from nslora_plugin.core.registry import make_plugin_manager
 from nslora_plugin.core.probe import ProbeEvaluator
 from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
 from nslora_plugin.core.answers import format_compliant
-from nslora_plugin.core.run import EditorAvailability, RunView, Stash
+from nslora_plugin.core.run import EditorAvailability, RunView, Stash, editor_down_message
 from nslora_plugin.core.candidates import check_candidate
 from nslora_plugin.core.util import install_log_redaction, redact, register_secret, url_secrets
 from nslora_plugin.core.records import DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport, ProbeResult, RouteDecision
@@ -57,6 +57,7 @@ class NeurosymbolicLoop:
         self.monitor = SignalMonitor(config)
         self.evaluator = ProbeEvaluator(tokenizer, list(self.examples.values()), config, self.pm)
         self.prompt_state = PromptState(self._initial_prompt(config, tokenizer))
+        check_row_system_messages(self.prompt_state.initial, self.examples.values(), pool, config)
         self.artifacts = ArtifactStore(output_dir, on_error=self._disk_fault)
         self.collator: NSLoRACollator | None = None
         self.stash = Stash()
@@ -171,14 +172,57 @@ class NeurosymbolicLoop:
                     pass
 
     def save_checkpoint(self, checkpoint: str | Path) -> Path:
-        """Copy the records into a trainer checkpoint and save the current state there."""
-        dest = self.artifacts.copy_into(checkpoint)
-        self.save(into=dest)
-        return dest
+        """Save the current state and copy the records into a trainer checkpoint (what the run
+        folder could not take goes into the copy from memory)."""
+        self.save()
+        return self.artifacts.copy_into(checkpoint)
 
     def copy_artifacts(self, folder: str | Path) -> Path:
         """Copy the records into `folder` (an `output_dir`, an adapter saved elsewhere)."""
         return self.artifacts.copy_into(folder)
+
+    def record_note(self) -> str | None:
+        """None when the run folder holds every record; else what it could not take, and where
+        the complete record is: the last copy (`copy_artifacts`: the trainer's output_dir at the
+        end of a run) when everything reached it, else a new folder in the system's temporary
+        directory, written from memory now."""
+        if not self.is_main:
+            return None
+        self.artifacts.flush()  # a last try: the disk may have room again
+        missing = self.artifacts.missing
+        if not missing:
+            return None
+        root = self.artifacts.root
+        last = self.artifacts.last_copy
+        where: Path | None = None
+        if last is not None and last[1] and last[0].resolve() != root.resolve():
+            where = last[0]
+        else:  # no copy took it: anywhere with room
+            import tempfile
+
+            try:
+                rescue = Path(tempfile.mkdtemp(prefix="nslora-record-"))
+            except OSError:
+                rescue = None
+            if rescue is not None:
+                dest = self.artifacts.copy_into(rescue)
+                where = dest if self.artifacts.last_copy == (dest, True) else None
+        names = ", ".join(name if lines is None else f"{name} ({lines} line{'s' * (lines != 1)})"
+                          for name, lines in missing.items())
+        error = next((self.artifacts.errors[n] for n in missing if n in self.artifacts.errors), "")
+        head = (f"could not write {names} into the run folder {str(root)!r}"
+                + (f" ({_short(error)})" if error else ""))
+        if where is not None:
+            return f"{head}; the complete record is in {str(where)!r}"
+        return (f"{head}, nor into any copy: those records are lost; the last checkpoint's "
+                f"nslora/ folder holds the record up to its step")
+
+    def say_where_the_record_is(self) -> None:
+        """At the end of a run, after the end-of-run copy: if the run folder lacks records, say
+        which and where the complete record is (the run's last line)."""
+        note = self.record_note()
+        if note:
+            log.warning("NSLoRA %s", note)
 
     def close(self) -> None:
         """Release the run folder without finishing (a loop that was started but not run)."""
@@ -301,9 +345,8 @@ class NeurosymbolicLoop:
                 raise RuntimeError(f"NSLoRA: {reason}; point editor_base_url / "
                                    "editor_model at a working editor (editor_backend="
                                    f"{self.config.editor_backend!r}), or set on_editor_down='numerical'")
-            fallback = (f"the {standing_in[0]} editor stands in" if standing_in
-                        else "training stays numerical")
-            self.record_fault("startup", f"{reason}; {fallback}")
+            self.record_fault("startup", editor_down_message(reason, standing_in[0] if standing_in
+                                                             else None))
 
     # ---------------------------------------------------------------- per step
     def record_micro_loss(self, loss: float) -> None:
@@ -490,25 +533,18 @@ class NeurosymbolicLoop:
                 "collator": dict(self.collator.stats) if self.collator else {},
                 "collator_state": self.collator.state(self.trained_batches) if self.collator else {}}
 
-    def save(self, into: str | Path | None = None) -> None:
-        """Write the prompt, its history and the state (and any log lines still pending); with
-        `into`, also straight into that folder's copy (a checkpoint on another disk gets the
-        current state even when the run folder cannot be written)."""
+    def save(self) -> None:
+        """Write the prompt, its history and the state, and whatever is still pending (log lines,
+        whole files a full disk refused); what still does not fit stays in memory for the next
+        save and for every copy (`save_checkpoint`, `copy_artifacts`)."""
         if not self.is_main:
             return
         ps = self.prompt_state
         history = [c.to_dict() for c in ps.history]
-        state = self.state()
-        if into is not None and Path(into).resolve() == self.artifacts.root.resolve():
-            into = None
-        stores = [self.artifacts] + ([ArtifactStore(into, on_error=self._disk_fault)] if into else [])
-        for store in stores:
-            store.write_prompt(ps.current, ps.version, ps.initial, history)
-            store.write_json("state.json", state)
-        if len(stores) > 1:  # the checkpoint's logs get the lines the run folder could not take
-            self.artifacts.copy_pending_into(stores[1])
+        self.artifacts.write_prompt(ps.current, ps.version, ps.initial, history)
+        self.artifacts.write_json("state.json", self.state())
         self.artifacts.flush()
-        if self._disk_failing and not self.artifacts.pending_lines:
+        if self._disk_failing and not self.artifacts.missing:
             self._disk_failing = False
             log.warning("NSLoRA: the run folder %s can be written again; every pending record is "
                         "in place", self.artifacts.root)
@@ -553,6 +589,53 @@ class NeurosymbolicLoop:
         self.save()
         self.artifacts.unlock()
         return summary
+
+
+def cadence_problem(config: NSLoRAConfig, max_steps: int | None) -> str | None:
+    """Why no check can run in a run of `max_steps` optimizer steps (checks run at the multiples
+    of `check_every` from `warmup_steps` on), naming the settings and what to set; None when at
+    least one check is due, or when the number of steps is not known."""
+    if not max_steps or max_steps <= 0:
+        return None
+    every, warmup = config.check_every, config.warmup_steps
+    first = -(-max(warmup, 1) // every) * every  # the first multiple of check_every >= warmup
+    if first <= max_steps:
+        return None
+    if every > max_steps:
+        why = f"check_every={every} is more than the run's {max_steps} optimizer steps"
+        fix = f"set check_every to at most {max_steps} (e.g. check_every={max(max_steps // 3, 1)})"
+    else:
+        why = (f"with warmup_steps={warmup} and check_every={every} the first check would be at "
+               f"step {first}, after the run's {max_steps} optimizer steps")
+        fix = (f"set warmup_steps below {max_steps}, or a check_every that divides a step up to "
+               f"{max_steps}")
+    what = ("only the check before the first step runs (check_at_start=true)" if config.check_at_start
+            else "NSLoRA probes before and after training only and never routes or edits")
+    return (f"{why} (max_steps={max_steps}), so no check runs during training: {what}; {fix}, "
+            "or train for more steps")
+
+
+def check_row_system_messages(prompt: str, probe: Any, pool: Any, config: NSLoRAConfig) -> None:
+    """Refuse probe / pool rows that carry a system message other than the run's prompt: every
+    row is probed (and trained on, as prompts-as-data) under the run's prompt, so that message
+    would be dropped without a word and the scores would not be the ones the row asks for."""
+    for examples, kind, setting in ((probe, "probe", "probe_path"), (pool, "pool", "pool_path")):
+        for ex in examples:
+            if ex.system is None or ex.system.strip() == prompt.strip():
+                continue
+            source = getattr(config, setting)
+            where = f" of {setting}={source!r}" if source else ""
+            raise ValueError(
+                f"NSLoRA: {kind} row {ex.id}{where} carries its own system message "
+                f"({_clip(ex.system)!r}), which differs from the run's system prompt "
+                f"({_clip(prompt)!r}). NSLoRA probes every row under the run's prompt, so that "
+                "message would be ignored: remove the system message from the row (or make it the "
+                "run's prompt), or set system_prompt to it if every row shares it.")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def gate_verdict(before: ProbeReport, after: ProbeReport, config: NSLoRAConfig) -> tuple[bool, str]:

@@ -159,9 +159,9 @@ def generation_ready(model: Any, ranks: Ranks) -> Iterator[dict[str, Any]]:
     if not (ranks.sharded and ranks.several):  # full weights on this rank: nothing to arrange
         yield {}
         return
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
-    if checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    checkpointing = _checkpointing(model)
+    if checkpointing:
+        _call_first(model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
     unsharded = None
     if ranks.sharding == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
@@ -174,8 +174,26 @@ def generation_ready(model: Any, ranks: Ranks) -> Iterator[dict[str, Any]]:
     finally:
         if unsharded is not None:
             unsharded.reshard()
-        if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        if checkpointing:
+            _call_first(model, "activation_checkpointing_enable", "gradient_checkpointing_enable")
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on, by the name this transformers has:
+    `is_activation_checkpointing` since 5.2x, `is_gradient_checkpointing` before (reading the old
+    name on a new release raises a deprecation warning)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _call_first(model: Any, *names: str) -> None:
+    for name in names:
+        method = getattr(model, name, None)
+        if method is not None:
+            method()
+            return
 
 
 def lead(ranks: Ranks, work: Callable[[], Any], shared: Callable[[], Any]) -> Any:

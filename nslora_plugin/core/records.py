@@ -22,12 +22,15 @@ class _Serializable:
 
 @dataclass(frozen=True)
 class ProbeExample(_Serializable):
-    """One held-out example: the user turn, the reference assistant reply and its final answer."""
+    """One held-out example: the user turn, the reference assistant reply and its final answer;
+    `system`: the row's own system message, if it had one (the loop refuses one that differs
+    from the run's prompt: every row is probed under the run's prompt)."""
 
     id: str
     question: str
     reference: str
     answer: str | None = None
+    system: str | None = None
 
 
 @dataclass

@@ -54,6 +54,14 @@ class Stash:
         return self._data.setdefault(key, default)
 
 
+def editor_down_message(reason: str, stand_in: str | None) -> str:
+    """The one wording for an editor that cannot edit at the start of a run: why, and what edits
+    instead (`stand_in`, another editor that is ready) or that training stays numerical. Said by
+    the start-up check of the command-line adapters and by the loop when it starts its editors."""
+    return f"{reason}; " + (f"the {stand_in} editor stands in" if stand_in
+                            else "training stays numerical")
+
+
 @dataclass(frozen=True)
 class EditorAvailability:
     """Whether a symbolic round can run now, merged from every editor's `nslora_editor_status`."""

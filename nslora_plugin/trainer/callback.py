@@ -50,9 +50,10 @@ class NSLoRACallback(TrainerCallback):
         self.config: NSLoRAConfig = config
         self.probe_source = probe if probe is not None else config.probe_path
         self.pool_source = pool if pool is not None else config.pool_path
-        from nslora_plugin.trainer.preflight import check_data_files
+        from nslora_plugin.trainer.preflight import check_data_files, check_output_dir
 
         check_data_files({"probe_path": self.probe_source, "pool_path": self.pool_source})
+        check_output_dir(config.output_dir)
         self.tokenizer = tokenizer
         self.plugins = list(plugins)
         self.console = console
@@ -81,12 +82,22 @@ class NSLoRACallback(TrainerCallback):
         pool = load_probe_examples(self.pool_source, id_prefix="pool-") \
             if self.pool_source is not None else []
         output = Path(self.config.output_dir or Path(args.output_dir) / ARTIFACT_DIR)
+        if self.config.output_dir is None:  # NSLoRA's folder is under the trainer's output_dir
+            from nslora_plugin.trainer.preflight import check_output_dir
+
+            check_output_dir(output, trainer=True)
         max_length = self.max_length or length_limit(args)
         self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, pool=pool, output_dir=output,
                                       max_length=max_length,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
         warn_cpu_precision(args)
+        if state.is_world_process_zero:
+            from nslora_plugin.core.loop import cadence_problem
+
+            problem = cadence_problem(self.config, getattr(state, "max_steps", None))
+            if problem:
+                log.warning("NSLoRA: %s", problem)
         self._join_ranks(model)
         if getattr(args, "dataloader_num_workers", 0):
             log.warning("NSLoRA: dataloader_num_workers=%s — collation runs in worker processes that "
@@ -173,10 +184,7 @@ class NSLoRACallback(TrainerCallback):
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            dest = self.loop.save_checkpoint(checkpoint)
-            from nslora_plugin.trainer.card import write_card_section
-
-            write_card_section(checkpoint, dest)
+            _publish(self, checkpoint, self.loop.save_checkpoint(checkpoint))
         else:
             self.loop.save()
 
@@ -187,14 +195,29 @@ class NSLoRACallback(TrainerCallback):
             self._hook_handle.remove()
             self._hook_handle = None
         self.summary = self._with_ranks(lambda: self.loop.finish(model, state.global_step), model)
+        if self.config.prompt_in_template:  # what `trainer.save_model()` writes from now on
+            from nslora_plugin.trainer.template import set_tokenizer_prompt
+
+            set_tokenizer_prompt(self.loop.tokenizer, self.loop.prompt)
         if state.is_world_process_zero:
             self.loop.after_train(state.log_history)
-            dest = self.loop.copy_artifacts(args.output_dir)
-            from nslora_plugin.trainer.card import write_card_section
+            # `trainer.save_model(output_dir)` after training keeps the card section (PEFT
+            # updates an existing card in place)
+            _publish(self, args.output_dir, self.loop.copy_artifacts(args.output_dir))
+            # the run's last line: what the run folder lacks, and where the complete record is
+            self.loop.say_where_the_record_is()
 
-            # `trainer.save_model(output_dir)` after training keeps the section (PEFT updates
-            # an existing card in place)
-            write_card_section(args.output_dir, dest)
+
+def _publish(callback: NSLoRACallback, folder: str | Path, artifacts: Path) -> None:
+    """What travels with a saved model folder besides the records: the card section and, unless
+    switched off, the prompt in the saved chat template."""
+    from nslora_plugin.trainer.card import write_card_section
+
+    write_card_section(folder, artifacts)
+    if callback.config.prompt_in_template and callback.loop is not None:
+        from nslora_plugin.trainer.template import write_prompt_into_template
+
+        write_prompt_into_template(folder, callback.loop.prompt)
 
 
 def _move_first(callback: NSLoRACallback) -> None:
@@ -301,9 +324,7 @@ def save_artifacts(callback: NSLoRACallback, folder: str | Path) -> Path:
     if callback.loop is None:
         raise RuntimeError("NSLoRA has not run yet: call trainer.train() first")
     dest = callback.loop.copy_artifacts(folder)
-    from nslora_plugin.trainer.card import write_card_section
-
-    write_card_section(folder, dest)
+    _publish(callback, folder, dest)
     return dest
 
 

@@ -26,6 +26,9 @@ BEGIN = "<!-- nslora:begin (written by nslora-plugin; replaced on every save) --
 END = "<!-- nslora:end -->"
 CARD = "README.md"
 
+#: Hub tags the card's metadata carries (beside PEFT's and TRL's), so NSLoRA runs can be found.
+TAGS = ("nslora", "arxiv:2601.12711")
+
 #: probe summary keys shown in the card, with the words used for them
 PROBE_ROWS = (("reward", "probe reward"), ("correctness", "accuracy"),
               ("format", "format compliance"), ("ref_nll", "reference NLL (nats/token)"))
@@ -135,6 +138,26 @@ def card_section(arts: NSLoRAArtifacts, folder: Path) -> str:
     return "\n".join(lines)
 
 
+def with_tags(card: str) -> str:
+    """`card` with NSLoRA's tags in its YAML metadata (added to PEFT's / TRL's `tags`, or a new
+    metadata block); unchanged when they are there already."""
+    import yaml
+
+    if card.startswith("---\n"):
+        close = card.find("\n---", 3)
+        meta = yaml.safe_load(card[4:close]) if close >= 0 else None
+        if not isinstance(meta, dict):
+            return card
+        tags = meta.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        missing = [t for t in TAGS if t not in tags]
+        if not missing:
+            return card
+        meta["tags"] = tags + missing
+        return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + card[close + 1:]
+    return "---\n" + yaml.safe_dump({"tags": list(TAGS)}, sort_keys=False) + "---\n\n" + card
+
+
 def _insert(card: str, section: str) -> str:
     """`card` with `section` in place of its old one, or before the first `## ` heading after
     the title (after PEFT's / TRL's one-line summary), or at the end."""
@@ -162,7 +185,7 @@ def write_card_section(folder: str | Path, artifacts: str | Path | NSLoRAArtifac
             artifacts if artifacts is not None else folder)
         path = folder / CARD
         old = path.read_text(encoding="utf-8") if path.is_file() else ""
-        text = _insert(old, card_section(arts, folder))
+        text = with_tags(_insert(old, card_section(arts, folder)))
         if text != old:
             _atomic_write(path, text)  # whole or not at all: PEFT reads this card back on save
         return path

@@ -6,6 +6,7 @@ Heavy imports (torch, trl, peft, datasets) happen inside the functions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -39,7 +40,11 @@ def sft_config(output_dir: str | Path, *, max_steps: int, batch_size: int, learn
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=logging_steps or max(max_steps // 6, 1), report_to=[],
-        gradient_checkpointing=False, max_length=max_length, seed=seed, dataloader_num_workers=0)
+        max_length=max_length, seed=seed, dataloader_num_workers=0)
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old name
+    # warns); older releases, as LLaMA-Factory pins, know only the old one
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    settings["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
     if save_steps:
         settings.update(save_steps=save_steps, save_total_limit=2)
     else:
