@@ -160,14 +160,9 @@ def test_verdict_pools_the_labels_of_every_arm():
 # ------------------------------------------------------------------ one real run, tiny model
 @pytest.fixture(scope="module")
 def tiny_model_dir(default_model_dir, tmp_path_factory):
-    """A 2-layer, width-64 model with the real SmolLM2 tokenizer, saved as a model folder."""
-    from tiny import load_tokenizer, tiny_model
+    from tiny import save_tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = load_tokenizer(default_model_dir)
-    tiny_model(tokenizer).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_tiny_model(default_model_dir, tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_compare_runs_three_arms_and_writes_table_and_json(tiny_model_dir, tmp_path, capsys):

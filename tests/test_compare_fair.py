@@ -20,14 +20,9 @@ from nslora_plugin.apps.harness.tasks import (
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(default_model_dir, tmp_path_factory):
-    """A 2-layer, width-64 model with the real SmolLM2 tokenizer, saved as a model folder."""
-    from tiny import load_tokenizer, tiny_model
+    from tiny import save_tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = load_tokenizer(default_model_dir)
-    tiny_model(tokenizer).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_tiny_model(default_model_dir, tmp_path_factory.mktemp("tiny-model"))
 
 
 TINY = ["--max-steps", "4", "--check-every", "2", "--entities", "3", "--probe-size", "4",

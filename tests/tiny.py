@@ -35,6 +35,14 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def save_tiny_model(model_dir: Path, folder: Path) -> Path:
+    """A 2-layer, width-64 model with the real SmolLM2 tokenizer, saved as a model folder."""
+    tokenizer = load_tokenizer(model_dir)
+    tiny_model(tokenizer).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def tiny_model(tokenizer: Any, seed: int = 0) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
