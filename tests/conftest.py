@@ -76,7 +76,22 @@ def tokenizer(default_model_dir: Path):
     """The real SmolLM2 tokenizer (chat template included), shared by the tiny-model tests."""
     from tiny import load_tokenizer
 
-    return load_tokenizer(default_model_dir)
+    tok = load_tokenizer(default_model_dir)
+    tok.pristine_chat_template = tok.chat_template
+    return tok
+
+
+@pytest.fixture(autouse=True)
+def _fresh_chat_template(request):
+    """The end of an NSLoRA run writes the final prompt into the trainer's tokenizer (so
+    `save_model` saves it): every test starts and ends with the shared tokenizer's own template."""
+    if "tokenizer" not in request.fixturenames:
+        yield
+        return
+    tok = request.getfixturevalue("tokenizer")
+    tok.chat_template = tok.pristine_chat_template
+    yield
+    tok.chat_template = tok.pristine_chat_template
 
 
 @pytest.fixture(scope="module")

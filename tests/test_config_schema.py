@@ -30,7 +30,7 @@ def test_every_field_has_help_a_group_and_a_known_check():
 def test_allowed_values_come_from_the_literal_types_and_are_enforced():
     choices = {s.name: s.choices for s in config_fields() if s.choices}
     assert choices == {"router": ("prior", "learned"),
-                       "editor": ("textgrad", "constraint", "demonstrations", "none"),
+                       "editor": ("textgrad", "constraint", "demonstrations", "none", "gepa"),
                        "editor_fallback": ("constraint", "none"),
                        "on_editor_down": ("numerical", "fail"),
                        "gate_tie_break": ("nll", "accept", "reject"),

@@ -61,9 +61,11 @@ def test_split_keeps_lf_keys_and_validates_nslora_keys(tmp_path):
     assert prepared.nslora.check_every == 5 and prepared.nslora.enabled
     # rows without a system message get the prompt NSLoRA edits
     assert prepared.lf_args["default_system"] == SYSTEM
-    # without nslora_system_prompt, LLaMA-Factory's default_system is the initial prompt
+    # without nslora_system_prompt, the rows say (read at train start: core/row_prompts.py);
+    # default_system is what rows without a system message carry
     cfg = lf_base(default_system="Be brief.", nslora_probe_path=str(probe))
-    assert prepare(cfg, lookup_template_default=False).nslora.system_prompt == "Be brief."
+    unset = prepare(cfg, lookup_template_default=False)
+    assert unset.nslora.system_prompt is None and "'Be brief.'" in " ".join(unset.notes)
     # a nested mapping works too
     cfg = lf_base(nslora={"probe_path": str(probe), "editor": "constraint"})
     assert prepare(cfg, lookup_template_default=False).nslora.editor == "constraint"

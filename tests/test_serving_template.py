@@ -14,7 +14,7 @@ import pytest
 from nslora_plugin import NSLoRAConfig
 from nslora_plugin.core.data import make_word_problems
 from nslora_plugin.integrations.trl import attach, save_artifacts
-from nslora_plugin.trainer.template import strip_default_prompt, with_default_prompt
+from nslora_plugin.trainer.template import strip_default_prompt, wrap_chat_template
 from tiny import ANSWER_FORMAT, FORMAT_INSTRUCTION, SYSTEM, load_tokenizer, sft_trainer
 
 NEW_PROMPT = f"{SYSTEM}\n{FORMAT_INSTRUCTION}"
@@ -34,7 +34,7 @@ def render_without_nslora(folder, messages) -> str:
 @pytest.mark.parametrize("prompt", [NEW_PROMPT, 'Quote "this", {{ not a variable }} and %} too.\nÜber.'])
 def test_the_preamble_renders_any_prompt_and_replaces_itself(tokenizer, prompt):
     original = tokenizer.chat_template
-    template = with_default_prompt(with_default_prompt(original, "an older prompt"), prompt)
+    template = wrap_chat_template(wrap_chat_template(original, "an older prompt"), prompt)
     assert strip_default_prompt(template) == original and template.count("nslora: default") == 1
     user = [{"role": "user", "content": "What is 2 + 3?"}]
     rendered = tokenizer.apply_chat_template(user, chat_template=template, tokenize=False)

@@ -222,10 +222,9 @@ def prepare(cfg: Mapping[str, Any], *, base_dir: Path | None = None,
 
     - the NSLoRA keys are validated (`NSLoRAConfigError` names the bad key);
     - LLaMA-Factory settings that would stop edits from reaching training are rejected;
-    - the *initial* system prompt NSLoRA looks for in the tokenized rows is made the one
-      LLaMA-Factory actually renders: `nslora_system_prompt` if set — then LLaMA-Factory's
-      `default_system` is set to it, so rows without a system message carry it too — else
-      LLaMA-Factory's `default_system` or the template's default;
+    - with `nslora_system_prompt` set, LLaMA-Factory's `default_system` is set to it (unless
+      given), so rows without a system message carry it too; unset, the initial prompt is read
+      from the tokenized rows at train start (`core/row_prompts.py`);
     - `nslora_probe_path` is required (the probe set is how NSLoRA decides anything).
     """
     lf, keys = split_config(cfg)
@@ -265,10 +264,10 @@ def prepare(cfg: Mapping[str, Any], *, base_dir: Path | None = None,
         elif str(default_system) != nslora.system_prompt:
             out.notes.append("WARNING: default_system differs from nslora_system_prompt; rows without "
                              "a system message get default_system and prompt edits cannot reach them")
-    else:
-        initial = lf_default_system(lf) if lookup_template_default else (
+    else:  # the rows as LLaMA-Factory tokenized them say which prompt they carry (read at train start)
+        default = lf_default_system(lf) if lookup_template_default else (
             str(default_system) if default_system else None)
-        if initial is not None:
-            out.nslora = nslora.replace(system_prompt=initial)
-            out.notes.append(f"initial system prompt = LLaMA-Factory's default system prompt {initial!r}")
+        out.notes.append("initial system prompt: the system message the training rows carry, read "
+                         "at train start" + (f" (rows without one get LLaMA-Factory's default system "
+                                             f"prompt {default!r})" if default else ""))
     return out

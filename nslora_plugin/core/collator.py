@@ -15,6 +15,9 @@ is baked into `input_ids`. `NSLoRACollator` wraps the framework's own collator a
 Spans are computed *in context* (tokenizing a rendered chat and keeping the tokens that cover the
 prompt's characters), so BPE merges at the template's boundaries match what the framework produced.
 Requires the collator to run in the training process (`dataloader_num_workers=0`, the default).
+`stats["with_current"]` counts the training examples (augmented rows aside, dropped segments
+taken off) that went into batches with the prompt of version `stats["current_version"]` in their
+tokens since that version took effect: at the end of a run, how many trained under the final one.
 
 Packed batches are spliced per segment, so every packed example trains on the current prompt:
 
@@ -131,8 +134,12 @@ class NSLoRACollator:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._span_cache: dict[str, list[int]] = {}
+        # with_current: training examples (augmented rows not counted) that went into batches
+        # with the prompt of version current_version in their tokens, since that version began
         self.stats = {"examples": 0, "swapped": 0, "augmented": 0, "no_span": 0,
-                      "kept_initial": 0, "batches": 0, "packed_rows": 0, "dropped": 0}
+                      "kept_initial": 0, "batches": 0, "packed_rows": 0, "dropped": 0,
+                      "current_version": 0, "with_current": 0}
+        self._carrying: set[int] = set()  # ids of this batch's examples counted in with_current
         self._warned: set[str] = set()
         # before each batch: what it was collated with (a data loader collates ahead of training,
         # so a checkpoint must go back to the first batch not yet trained on)
@@ -185,6 +192,9 @@ class NSLoRACollator:
             self._before.append({"stats": dict(self.stats), "rng": self._rng.getstate(),
                                  "prompt": prompt, "pool": pool_size})
         self.stats["batches"] += 1
+        if self.stats.get("current_version") != version:
+            self.stats["current_version"], self.stats["with_current"] = version, 0
+        self._carrying = set()
         if features and isinstance(features[0], (list, tuple)):
             # Axolotl's multipack sampler: one list of examples per pack, concatenated by its collator
             packs = [list(pack) for pack in features]
@@ -207,6 +217,12 @@ class NSLoRACollator:
         if prompt is not None and initial is not None and prompt != initial:
             feature, outcome = self._swap(feature, initial, prompt)
             self.stats[outcome] += 1
+            carries = outcome == "swapped"
+        else:
+            carries = prompt is not None and self._carries(feature, prompt)
+        if carries:
+            self.stats["with_current"] = self.stats.get("with_current", 0) + 1
+            self._carrying.add(id(feature))
         return feature
 
     def _splice_packs(self, packs: list[list[dict[str, Any]]], prompt: str | None,
@@ -227,6 +243,7 @@ class NSLoRACollator:
         if not self.max_length or not pack:
             return pack
         capacity = self.max_length * max(1, -(-length_before // self.max_length))
+        first_carries = id(pack[0]) in self._carrying
         kept, used = [], 0
         for seg in pack:
             n = len(seg["input_ids"])
@@ -235,10 +252,21 @@ class NSLoRACollator:
                 used += n
             else:
                 self.stats["dropped"] += 1
+                if id(seg) in self._carrying:
+                    self._carrying.discard(id(seg))
+                    self.stats["with_current"] -= 1
         if not kept:  # one segment longer than the pack on its own: cut it, as the frameworks do
             self.stats["dropped"] -= 1
+            if first_carries:
+                self.stats["with_current"] += 1
             kept = [_truncate(pack[0], capacity)]
         return kept
+
+    def _carries(self, feature: dict[str, Any], prompt: str) -> bool:
+        try:
+            return find_subsequence(_as_list(feature["input_ids"]), self._span(prompt)) >= 0
+        except ValueError:  # a template that does not render the prompt verbatim
+            return False
 
     def _span(self, prompt: str) -> list[int]:
         if prompt not in self._span_cache:
@@ -301,6 +329,9 @@ class NSLoRACollator:
         positions = self._rng.sample(range(len(features)), k)
         template = features[0]
         for pos in positions:
+            if id(features[pos]) in self._carrying:  # replaced: it trains on nothing
+                self._carrying.discard(id(features[pos]))
+                self.stats["with_current"] -= 1
             row = pool[self._rng.randrange(len(pool))]
             features[pos] = self._render_augmented(row, prompt, template)
             self.stats["augmented"] += 1

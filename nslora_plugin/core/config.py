@@ -64,7 +64,8 @@ class NSLoRAConfig:
         None, "run", "Folder for the NSLoRA artifacts; None means <trainer output_dir>/nslora.")
     system_prompt: Optional[str] = _opt(
         None, "run", "The system message of the training rows: the prompt NSLoRA starts from and "
-        "rewrites. None: the chat template's default system prompt.")
+        "rewrites. None: the one the training rows carry, read at train start (rows carrying "
+        "several different ones are refused); a value no training row carries is refused.")
     seed: int = _opt(0, "run", "Seed for probe sampling, batch mixing and held-out splits.",
                      check="non_negative")
     report: bool = _opt(
@@ -133,10 +134,12 @@ class NSLoRAConfig:
         "no length / JSON / exact-match reward needs the whole reply).")
 
     # editor and the validation gate
-    editor: Literal["textgrad", "constraint", "demonstrations", "none"] = _opt(
+    editor: Literal["textgrad", "constraint", "demonstrations", "none", "gepa"] = _opt(
         "textgrad", "editor", "Which built-in editor proposes prompt rewrites first: an editor "
-        "LLM (TextGrad), the constraint statements, or worked examples from the pool "
-        "('demonstrations'); 'none': no built-in editor (an editor plugin may still edit).")
+        "LLM (TextGrad), the constraint statements, worked examples from the pool "
+        "('demonstrations'), or GEPA's reflective prompt evolution with the editor LLM as its "
+        "reflection model ('gepa', needs the gepa extra); 'none': no built-in editor (an editor "
+        "plugin may still edit).")
     editor_fallback: Literal["constraint", "none"] = _opt(
         "constraint", "editor", "What runs when the editor's candidate fails the gate or the "
         "editor is down.")

@@ -23,6 +23,7 @@ from nslora_plugin.core.monitor import SignalMonitor
 from nslora_plugin.core.registry import make_plugin_manager
 from nslora_plugin.core.probe import ProbeEvaluator
 from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
+from nslora_plugin.core.row_prompts import RowPrompts, initial_prompt_from_rows
 from nslora_plugin.core.answers import format_compliant
 from nslora_plugin.core.run import EditorAvailability, RunView, Stash, editor_down_message
 from nslora_plugin.core.candidates import check_candidate
@@ -36,7 +37,7 @@ class NeurosymbolicLoop:
     def __init__(self, config: NSLoRAConfig, tokenizer: Any, probe: Sequence[ProbeExample], *,
                  output_dir: str | Path, plugins: Sequence[Any] = (), is_main_process: bool = True,
                  console: Any = None, pool: Sequence[ProbeExample] = (),
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, train_rows: RowPrompts | None = None) -> None:
         if not probe:
             raise ValueError("NSLoRA needs probe examples (set probe_path, pass probe=..., or give "
                              "the trainer an eval_dataset with messages or question/answer rows)")
@@ -56,7 +57,14 @@ class NeurosymbolicLoop:
         self.pm = make_plugin_manager(config, plugins)
         self.monitor = SignalMonitor(config)
         self.evaluator = ProbeEvaluator(tokenizer, list(self.examples.values()), config, self.pm)
-        self.prompt_state = PromptState(self._initial_prompt(config, tokenizer))
+        # what the training rows carry (`row_prompts.py`): the initial prompt and how many rows
+        # an edit can reach; empty when the adapter could not read the rows
+        self.train_rows: dict[str, Any] = {}
+        if train_rows is not None:
+            initial, self.train_rows = initial_prompt_from_rows(config.system_prompt, train_rows, tokenizer)
+        else:
+            initial = self._initial_prompt(config, tokenizer)
+        self.prompt_state = PromptState(initial)
         check_row_system_messages(self.prompt_state.initial, self.examples.values(), pool, config)
         self.artifacts = ArtifactStore(output_dir, on_error=self._disk_fault)
         self.collator: NSLoRACollator | None = None
@@ -78,6 +86,8 @@ class NeurosymbolicLoop:
     # ---------------------------------------------------------------- setup
     @staticmethod
     def _initial_prompt(config: NSLoRAConfig, tokenizer: Any) -> str:
+        """Without the training rows (a loop driven directly, rows that cannot be read ahead of
+        training): `system_prompt`, else the chat template's default."""
         if config.system_prompt is not None:
             return config.system_prompt
         default = template_default_system_prompt(tokenizer)
@@ -276,8 +286,14 @@ class NeurosymbolicLoop:
                                                  "prompt_version": self.prompt_state.version,
                                                  "llm_editor_ready": self.editor_availability().llm_ready})
         else:
+            if self.train_rows:
+                self._say(f"initial system prompt from {self.train_rows['initial_prompt_from']}: "
+                          f"{self.prompt_state.initial!r}, in "
+                          f"{self.train_rows['rows_carrying_initial_prompt']} of the "
+                          f"{self.train_rows['rows_read']} training rows read")
             report = self.evaluate(model, step=0)
             self.record("start", 0, {"prompt": self.prompt_state.current, "probe": report.summary(),
+                                     "training_rows": dict(self.train_rows),
                                      "editor": self.config.editor,
                                      "llm_editor_ready": self.editor_availability().llm_ready})
             if self.config.check_at_start:
@@ -559,6 +575,37 @@ class NeurosymbolicLoop:
             log.warning("NSLoRA could not write %s (%s); training goes on and NSLoRA writes it "
                         "again at the next check or save", name, _short(exc))
 
+    def prompt_reach(self) -> dict[str, Any]:
+        """How many training rows carried the prompt: what the rows held at train start (read by
+        the adapter, `row_prompts.py`; every edit replaces the initial prompt in those rows) and
+        what the collator put into the batches under the final prompt."""
+        out: dict[str, Any] = dict(self.train_rows)
+        stats = self.collator.stats if self.collator else {}
+        if stats:
+            out["examples_collated"] = stats.get("examples", 0)
+            if stats.get("current_version") == self.prompt_state.version:
+                out["examples_with_final_prompt"] = stats.get("with_current", 0)
+        out["final_prompt_version"] = self.prompt_state.version
+        return out
+
+    def reach_line(self) -> str | None:
+        """The summary's `training_rows` in words (None when the rows were not read)."""
+        reach = self.prompt_reach()
+        if "rows_carrying_initial_prompt" not in reach:
+            return None
+        rows = (f"{reach['rows_carrying_initial_prompt']} of the {reach['rows_read']} training rows"
+                + (f" read (of {reach['rows']})" if reach["rows_read"] < reach["rows"] else ""))
+        version = reach["final_prompt_version"]
+        if version:
+            line = f"the final prompt (version {version}) replaced the initial one in {rows}"
+        else:
+            line = f"no edit accepted: the initial prompt stayed as it is in {rows}"
+        if "examples_with_final_prompt" in reach:
+            line += (f"; {reach['examples_with_final_prompt']} examples collated "
+                     f"{'since it took effect ' if version else ''}carried it "
+                     f"({reach['examples_collated']} collated in the run)")
+        return line
+
     def finish(self, model: Any, step: int) -> dict[str, Any]:
         """Final probe under the final prompt, summary, and everything saved."""
         if not self.is_main:
@@ -581,11 +628,15 @@ class NeurosymbolicLoop:
             "editor_usage": self.usage(),
             "faults": dict(self.faults),
             "batches": dict(self.collator.stats) if self.collator else {},
+            "training_rows": self.prompt_reach(),
             "artifacts": str(self.artifacts.root),
             "wall_seconds": round(time.time() - self.started, 1),
         }
         self.record("end", step, {"summary": summary})
         self.artifacts.write_json("summary.json", summary)
+        reach = self.reach_line()
+        if reach:
+            self._say(reach)
         self.save()
         self.artifacts.unlock()
         return summary

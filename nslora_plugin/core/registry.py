@@ -1,7 +1,8 @@
 """The plugin registry: one pluggy manager per run. The built-in behaviour is registered as
 plugins exactly like third parties' — loaded by dotted name, as pytest loads its own plugins, so
 the core imports none of them — under the names nslora.rewards, nslora.router, nslora.augment,
-nslora.editor.constraint, nslora.editor.demonstrations, nslora.editor.textgrad and nslora.report;
+nslora.editor.constraint, nslora.editor.demonstrations, nslora.editor.textgrad,
+nslora.editor.gepa and nslora.report;
 third parties come from the config's `plugins`, from code, and from the `nslora` entry-point group
 (opt out with NSLORA_DISABLE_PLUGIN_AUTOLOAD=1)."""
 
@@ -27,6 +28,7 @@ BUILTINS: dict[str, str] = {
     "nslora.editor.constraint": "nslora_plugin.builtins.editors.constraint:ConstraintEditor",
     "nslora.editor.demonstrations": "nslora_plugin.builtins.editors.demonstrations:DemonstrationsEditor",
     "nslora.editor.textgrad": "nslora_plugin.builtins.editors.textgrad:TextGradEditor",
+    "nslora.editor.gepa": "nslora_plugin.builtins.editors.gepa:GEPAEditor",
     "nslora.report": "nslora_plugin.apps.report.plugin:RunReportWriter",
 }
 
@@ -39,7 +41,7 @@ def builtin_names(config: NSLoRAConfig) -> list[tuple[str, str]]:
              ("nslora.augment", "nslora.augment")]
     if config.editor == "constraint" or (config.editor != "none" and config.editor_fallback == "constraint"):
         names.append(("nslora.editor.constraint", "nslora.editor.constraint"))
-    if config.editor in ("demonstrations", "textgrad"):
+    if config.editor in ("demonstrations", "textgrad", "gepa"):
         names.append((f"nslora.editor.{config.editor}", f"nslora.editor.{config.editor}"))
     if config.report:
         names.append(("nslora.report", "nslora.report"))

@@ -87,8 +87,9 @@ class NSLoRACallback(TrainerCallback):
 
             check_output_dir(output, trainer=True)
         max_length = self.max_length or length_limit(args)
+        train_rows = read_train_rows(self.config, tokenizer, train_dataloader)
         self.loop = NeurosymbolicLoop(self.config, tokenizer, probe, pool=pool, output_dir=output,
-                                      max_length=max_length,
+                                      max_length=max_length, train_rows=train_rows,
                                       plugins=self.plugins, is_main_process=state.is_world_process_zero,
                                       console=self.console)
         warn_cpu_precision(args)
@@ -265,6 +266,43 @@ def warn_cpu_precision(args: Any) -> None:
     if problem and not _precision_warned:
         _precision_warned = True
         log.warning("NSLoRA: %s", problem)
+
+
+def read_train_rows(config: NSLoRAConfig, tokenizer: Any, dataloader: Any) -> Any:
+    """The system messages the rows of the train dataloader's dataset carry (`row_prompts.py`):
+    the tokenized rows the framework built (TRL's, Axolotl's — packed or not — and LLaMA-Factory's
+    alike), read before the first batch. None without a dataloader; a dataset that cannot be read
+    ahead of training (an iterable one) is refused when `system_prompt` is unset, since the
+    initial prompt would be a guess."""
+    from nslora_plugin.core.row_prompts import SETTING, read_row_prompts
+
+    if dataloader is None:
+        if config.system_prompt is None:
+            log.warning("NSLoRA: no train dataloader to read the rows' system message from; the "
+                        "initial prompt is the chat template's default — set %s if the rows carry "
+                        "another", SETTING)
+        return None
+    dataset = _inner_dataloader(dataloader).dataset
+    rows = read_row_prompts(tokenizer, dataset, seed=config.seed)
+    if rows is None:
+        if config.system_prompt is None:
+            from nslora_plugin.core.config import NSLoRAConfigError
+
+            raise NSLoRAConfigError(
+                f"NSLoRA cannot read the training rows ahead of training ({type(dataset).__name__} "
+                "without input_ids or messages rows, or an iterable dataset), so it cannot tell the "
+                f"system message they carry: set {SETTING} to it.", key="system_prompt")
+        log.warning("NSLoRA: the training rows cannot be read ahead of training (%s); whether they "
+                    "carry system_prompt is seen in the collator's counts only (no_span)",
+                    type(dataset).__name__)
+    return rows
+
+
+def _inner_dataloader(dataloader: Any) -> Any:
+    inner = dataloader
+    while getattr(inner, "base_dataloader", None) is not None and inner.base_dataloader is not inner:
+        inner = inner.base_dataloader
+    return inner
 
 
 def wrap_collate_fn(dataloader: Any, wrap: Any) -> Any:

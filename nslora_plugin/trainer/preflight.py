@@ -21,7 +21,7 @@ def preflight(config: NSLoRAConfig) -> str | None:
     `on_editor_down="fail"` an unusable editor raises `RuntimeError` here instead."""
     check_data_files({"probe_path": config.probe_path, "pool_path": config.pool_path})
     check_output_dir(config.output_dir)
-    if not config.enabled or config.editor != "textgrad":
+    if not config.enabled or config.editor not in ("textgrad", "gepa"):
         return None
     problem = editor_problem(config)
     if problem is None:
@@ -85,13 +85,21 @@ def check_output_dir(path: str | Path | None, *, trainer: bool = False) -> None:
 
 
 def editor_problem(config: NSLoRAConfig) -> str | None:
-    """The TextGrad editor's own start-up check, except that a `local` editor model is only looked
-    for (loading it is the check, and it is a model: not before the student is loaded)."""
+    """The LLM editor's own start-up check (TextGrad's, or GEPA's: the gepa package too), except
+    that a `local` editor model is only looked for (loading it is the check, and it is a model:
+    not before the student is loaded)."""
     from nslora_plugin.builtins.editors.clients import configuration_problem
+    from nslora_plugin.builtins.editors.gepa import GEPAEditor, import_gepa
     from nslora_plugin.builtins.editors.textgrad import TextGradEditor
 
+    if config.editor == "gepa":
+        try:
+            import_gepa()
+        except ImportError as exc:
+            return f"the gepa package is not available ({exc}); pip install 'nslora-plugin[gepa]'"
     if config.editor_backend == "local" and not configuration_problem(config):
         return None if Path(str(config.editor_model)).is_dir() else \
             f"editor model folder {config.editor_model!r} does not exist"
-    problem = TextGradEditor().startup_problem(config, None)
+    editor = GEPAEditor() if config.editor == "gepa" else TextGradEditor()
+    problem = editor.startup_problem(config, None)
     return redact(problem) if problem else None

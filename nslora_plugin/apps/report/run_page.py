@@ -59,6 +59,22 @@ def _before_after(summary: dict[str, Any], first: dict[str, Any], last: dict[str
     return table(["measure", *(name for name, _ in columns)], rows, numeric=range(1, len(columns) + 1))
 
 
+def training_rows_line(summary: dict[str, Any]) -> str:
+    """How many training rows carried the final prompt (the summary's `training_rows`)."""
+    reach = summary.get("training_rows") or {}
+    if "rows_carrying_initial_prompt" not in reach:
+        return "not read (the run's rows were not read at train start)"
+    read, total = reach.get("rows_read", 0), reach.get("rows", 0)
+    text = (f"{reach['rows_carrying_initial_prompt']} of {read} rows read"
+            + (f" (a sample of {total})" if read < total else "")
+            + f"; initial prompt from {reach.get('initial_prompt_from', '?')}")
+    if "examples_with_final_prompt" in reach:
+        text += (f"; {reach['examples_with_final_prompt']} of {reach.get('examples_collated', 0)} "
+                 f"examples collated carried the final prompt (version "
+                 f"{reach.get('final_prompt_version', 0)}) in their tokens")
+    return text
+
+
 def overview(run: RunData) -> str:
     s, arts = run.summary, run.arts
     counts = run.decision_counts()
@@ -85,7 +101,8 @@ def overview(run: RunData) -> str:
         parts.append("<h3>Against the initial prompt</h3>")
         parts.append(f'<div class="prompt">{word_diff(arts.initial_system_prompt or "", arts.system_prompt or "")}</div>')
     wall = s.get("wall_seconds")
-    facts = [("artifacts", str(arts.root)), ("training loss from", run.train_log_source or "not found"),
+    facts = [("training rows carrying the prompt", training_rows_line(s)),
+             ("artifacts", str(arts.root)), ("training loss from", run.train_log_source or "not found"),
              ("wall seconds of the run", f"{wall:.1f}" if isinstance(wall, (int, float)) else None),
              ("report written", time.strftime("%Y-%m-%d %H:%M:%S"))]
     parts.append(kv_table(facts))

@@ -33,64 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from nslora_plugin.core.artifacts import load_artifacts
+# one implementation of the template preamble, shared with what training saves
+from nslora_plugin.trainer.template import set_default_system_prompt, wrap_chat_template
 
 __all__ = ["load_for_inference", "generate", "set_default_system_prompt", "optimized_prompt",
            "wrap_chat_template"]
 
 log = logging.getLogger("nslora")
-
-_BEGIN = "{#- nslora: default system prompt (nslora_plugin.apps.tools.inference) -#}"
-_END = "{#- /nslora -#}"
-
-
-def _jinja_string(text: str) -> str:
-    """`text` as a double-quoted Jinja string literal (Jinja decodes Python-style escapes)."""
-    escaped = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-               .replace("\r", "\\r").replace("\t", "\\t"))
-    return f'"{escaped}"'
-
-
-def _strip_block(template: str) -> str:
-    start = template.find(_BEGIN)
-    if start < 0:
-        return template
-    end = template.find(_END, start)
-    if end < 0:
-        return template
-    return template[:start] + template[end + len(_END):]
-
-
-def wrap_chat_template(template: str, prompt: str) -> str:
-    """`template` with `prompt` as the system message of conversations that have none."""
-    block = (
-        _BEGIN
-        + "{%- if messages and messages[0]['role'] != 'system' -%}"
-        + "{%- set messages = [{'role': 'system', 'content': " + _jinja_string(prompt) + "}]"
-        + " + (messages | list) -%}"
-        + "{%- endif -%}"
-        + _END
-    )
-    return block + _strip_block(template)
-
-
-def set_default_system_prompt(tokenizer: Any, prompt: str) -> Any:
-    """Make `prompt` the default system message of the tokenizer's chat template (in place)."""
-    inner = getattr(tokenizer, "tokenizer", None)  # a processor: set it on both
-    template = getattr(tokenizer, "chat_template", None)
-    if template is None and inner is not None:
-        template = getattr(inner, "chat_template", None)
-    if not template:
-        raise ValueError("this tokenizer has no chat template, so there is nothing to put the "
-                         "system prompt into; set tokenizer.chat_template first")
-    if isinstance(template, dict):  # named templates (older transformers): wrap each
-        wrapped: Any = {name: wrap_chat_template(t, prompt) for name, t in template.items()}
-    else:
-        wrapped = wrap_chat_template(template, prompt)
-    tokenizer.chat_template = wrapped
-    if inner is not None and getattr(inner, "chat_template", None) is not None:
-        inner.chat_template = wrapped
-    return tokenizer
-
 
 def optimized_prompt(path: str | Path) -> str | None:
     """The system prompt a run ended with (None if the run kept the template's default)."""
