@@ -43,6 +43,7 @@ from nslora_plugin.builtins.editors.budget import Budget, Usage
 from nslora_plugin.builtins.editors.errors import (TRANSPORT_FAULTS, EditorBudgetSpent, EditorError, EditorNoTags,
                                                   EditorOverlongCandidate, EditorUnsafeCandidate)
 from nslora_plugin.builtins.editors.cache import ReplyCache
+from nslora_plugin.builtins.editors.llm_editor import LLMEditor
 from nslora_plugin.builtins.editors.constraint import constraint_statements
 from nslora_plugin.builtins.editors.clients import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
 from nslora_plugin.builtins.editors.structured import TAGS, parse_candidate
@@ -124,56 +125,12 @@ class _ExampleGrads:
     error: EditorError | None = None
 
 
-class TextGradEditor:
+class TextGradEditor(LLMEditor):
     name = NAME
 
     def __init__(self) -> None:
-        self.client: EditorClient | None = None
-        self.usage = Usage()
-        self.budget: Budget | None = None
+        super().__init__()
         self.pending_questions: dict[str, dict[str, Any]] = {}
-        self._suspect = False  # the last round ended on a transport fault: health-check first
-        self.started = False
-        self.down_reason = ""  # why the start-up check failed
-        self.budget_reason = ""  # why the run budget is spent, once it is (this run only)
-
-    # ---------------------------------------------------------------- lifecycle hooks
-    @property
-    def ready(self) -> bool:
-        return self.started and not self.down_reason and not self.budget_reason
-
-    def status(self) -> EditorStatus:
-        reason = self.budget_reason or self.down_reason or ("" if self.started else "not started")
-        return EditorStatus(NAME, ready=self.ready, reason=reason, uses_llm=True,
-                            budget_spent=bool(self.budget_reason))
-
-    @hookimpl
-    def nslora_editor_start(self, config: NSLoRAConfig, run: RunView) -> EditorStatus:
-        self.down_reason = self.startup_problem(config, run) or ""
-        self.started = True
-        return self.status()
-
-    @hookimpl
-    def nslora_editor_status(self, config: NSLoRAConfig, run: RunView) -> EditorStatus:
-        return self.status()
-
-    @hookimpl
-    def nslora_editor_usage(self, run: RunView) -> dict[str, Any]:
-        return self.usage.to_dict()
-
-    @hookimpl
-    def nslora_load_state(self, state: dict[str, Any], run: RunView) -> None:
-        if state.get("usage"):  # a resumed run keeps counting against the same run budget
-            self.usage.load(state["usage"])
-
-    def connect(self, config: NSLoRAConfig, run: RunView | None = None) -> EditorClient:
-        if self.client is None:
-            self.budget = Budget(config, self.usage)
-            cache = None
-            if config.editor_cache and run is not None:
-                cache = ReplyCache(run.path("editor_cache"))
-            self.client = make_client(config, self.usage, self.budget, cache)
-        return self.client
 
     def startup_problem(self, config: NSLoRAConfig, run: RunView) -> str | None:
         """Health check at the start of a run: None when the editor LLM can be used, else why not."""
