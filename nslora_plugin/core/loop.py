@@ -25,7 +25,7 @@ from nslora_plugin.core.probe import ProbeEvaluator
 from nslora_plugin.core.prompt_state import PromptCandidate, PromptState
 from nslora_plugin.core.row_prompts import RowPrompts, initial_prompt_from_rows
 from nslora_plugin.core.answers import format_compliant
-from nslora_plugin.core.run import EditorAvailability, RunView, Stash, editor_down_message
+from nslora_plugin.core.run import EditorAvailability, RunView, Stash, editor_down_error, editor_down_message
 from nslora_plugin.core.candidates import check_candidate
 from nslora_plugin.core.util import install_log_redaction, redact, register_secret, url_secrets
 from nslora_plugin.core.records import DecisionRecord, EditOutcome, EditProposal, ProbeExample, ProbeReport, ProbeResult, RouteDecision
@@ -358,9 +358,7 @@ class NeurosymbolicLoop:
         for status in down:
             reason = redact(status.reason)
             if self.config.on_editor_down == "fail":
-                raise RuntimeError(f"NSLoRA: {reason}; point editor_base_url / "
-                                   "editor_model at a working editor (editor_backend="
-                                   f"{self.config.editor_backend!r}), or set on_editor_down='numerical'")
+                raise editor_down_error(reason, self.config.editor_backend)
             self.record_fault("startup", editor_down_message(reason, standing_in[0] if standing_in
                                                              else None))
 

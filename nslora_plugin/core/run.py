@@ -62,6 +62,12 @@ def editor_down_message(reason: str, stand_in: str | None) -> str:
                             else "training stays numerical")
 
 
+def editor_down_error(reason: str, backend: str) -> RuntimeError:
+    """The one error for an editor that cannot edit at start with `on_editor_down: fail`."""
+    return RuntimeError(f"NSLoRA: {reason}; point editor_base_url / editor_model at a working "
+                        f"editor (editor_backend={backend!r}), or set on_editor_down='numerical'")
+
+
 @dataclass(frozen=True)
 class EditorAvailability:
     """Whether a symbolic round can run now, merged from every editor's `nslora_editor_status`."""

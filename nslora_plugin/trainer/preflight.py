@@ -27,9 +27,9 @@ def preflight(config: NSLoRAConfig) -> str | None:
     if problem is None:
         return None
     if config.on_editor_down == "fail":
-        raise RuntimeError(f"NSLoRA: {problem}; point editor_base_url / editor_model at a working "
-                           f"editor (editor_backend={config.editor_backend!r}), or set "
-                           "on_editor_down='numerical'")
+        from nslora_plugin.core.run import editor_down_error
+
+        raise editor_down_error(problem, config.editor_backend)
     from nslora_plugin.builtins.editors.clients import configuration_problem
     from nslora_plugin.core.run import editor_down_message
 
