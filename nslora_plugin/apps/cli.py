@@ -1,6 +1,6 @@
 """The `nslora` command: `nslora demo`, `nslora compare`, `nslora sweep`, `nslora show RUN_DIR`,
 `nslora report RUN_DIR`, `nslora generate RUN_DIR "question"`, `nslora doctor --model ...`,
-`nslora student build|path|check`, `nslora version` (or `nslora --version`)."""
+`nslora student build|path|check`, `nslora bake RUN_DIR`, `nslora version` (or `nslora --version`)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     build_student_parser(sub.add_parser(
         "student", help="the warmed student: a format-following warm-up of the embedded model",
         description="Build, locate and check the warmed student."))
+    from nslora_plugin.apps.tools.bake import build_parser as build_bake_parser
+
+    build_bake_parser(sub.add_parser(
+        "bake", help="distil a run's optimized prompt into a second adapter (RUN_DIR/baked)"))
     args = parser.parse_args(argv)
+
+    if args.command == "bake":
+        from nslora_plugin.apps.tools.bake import run as run_bake
+
+        return run_bake(args)
 
     if args.command == "student":
         from nslora_plugin.apps.student.command import run as run_student
