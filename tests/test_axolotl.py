@@ -230,6 +230,8 @@ def _check_symbolic_run(out: Path, output: str) -> None:
     assert load_artifacts(out / "checkpoint-4").prompt_version == 1  # travels with checkpoints
     # post_train runs twice in Axolotl; the plugin reports once.
     assert output.count("NSLoRA: done") == 1
+    # the callback came through Axolotl's own hook for callbacks that need the trainer
+    assert "NSLoRA: callback attached first, added through add_callbacks_post_trainer" in output
 
 
 _SCHEMA_CHECK = r"""
@@ -302,3 +304,68 @@ def test_qlora_recipe_runs_a_symbolic_round(axolotl_venv, workdir):
     assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "nf4"
     assert "prepare_model_for_kbit_training" in output
     _check_symbolic_run(workdir / "qlora", output)
+
+
+_HOOKS_CHECK = r"""
+import json, logging, sys
+from axolotl.cli.args import TrainerCliArgs
+from axolotl.cli.config import load_cfg
+from axolotl.common.datasets import load_datasets
+from axolotl.integrations.base import PluginManager
+from axolotl.train import setup_model_and_trainer
+from nslora_plugin.integrations.axolotl import NSLoRAPlugin
+from nslora_plugin.trainer.callback import NSLoRACallback
+
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+logging.getLogger("axolotl.integrations.nslora").addHandler(handler)
+
+cfg = load_cfg(sys.argv[1])
+meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+trainer, *_ = setup_model_and_trainer(cfg, meta)  # Axolotl builds the trainer and runs its hooks
+manager = PluginManager.get_instance()
+plugin = next(p for p in manager.plugins.values() if isinstance(p, NSLoRAPlugin))
+callbacks = trainer.callback_handler.callbacks
+result = {"first_is_plugins": callbacks[0] is plugin.callback,
+          "nslora_callbacks": sum(isinstance(cb, NSLoRACallback) for cb in callbacks),
+          "attached": [line for line in lines if "callback attached" in line],
+          "collator": repr(manager.get_collator_cls_and_kwargs(cfg))}
+# the hook itself, on this real cfg and trainer: it returns the callback for Axolotl to add
+returned = plugin.add_callbacks_post_trainer(cfg, trainer)
+result["returned"] = [type(cb).__name__ for cb in returned]
+result["returned_is_plugins"] = len(returned) == 1 and returned[0] is plugin.callback
+result["tokenizer_is_trainers"] = returned[0].tokenizer is trainer.processing_class
+cfg_off = load_cfg(sys.argv[1], nslora=False)
+result["off"] = plugin.add_callbacks_post_trainer(cfg_off, trainer)
+# an Axolotl without the hook calls post_trainer_create alone: the callback is built there
+old = NSLoRAPlugin()
+old.post_trainer_create(cfg, trainer)
+callbacks = trainer.callback_handler.callbacks
+result["fallback_first"] = callbacks[0] is old.callback and old.callback is not None
+result["fallback_nslora_callbacks"] = sum(isinstance(cb, NSLoRACallback) for cb in callbacks)
+result["fallback_attached"] = [line for line in lines if "callback attached" in line][1:]
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_callback_comes_through_axolotls_hook(axolotl_venv, workdir):
+    """Axolotl builds a real trainer from a recipe: `add_callbacks_post_trainer` returns the
+    plugin's callback, which ends up first and alone; no collator class is returned (Axolotl's
+    own choice stays, the callback wraps it); without the hook, `post_trainer_create` attaches it."""
+    config = _short_recipe(workdir, "smollm2-lora-cpu.yaml", "hooks")
+    code, output = _run(axolotl_venv, workdir,
+                        [str(axolotl_venv / "bin" / "python"), "-c", _HOOKS_CHECK, str(config)],
+                        timeout=300)
+    assert code == 0, output[-3000:]
+    result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["first_is_plugins"] and result["nslora_callbacks"] == 1, result
+    assert len(result["attached"]) == 1 and "through add_callbacks_post_trainer" in result["attached"][0]
+    assert result["collator"] == "None"
+    assert result["returned"] == ["NSLoRACallback"] and result["returned_is_plugins"], result
+    assert result["tokenizer_is_trainers"]
+    assert result["off"] == []
+    assert result["fallback_first"] and result["fallback_nslora_callbacks"] == 1, result
+    fallback = result["fallback_attached"]
+    assert len(fallback) == 1 and "in post_trainer_create" in fallback[0], fallback

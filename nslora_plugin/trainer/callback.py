@@ -7,7 +7,8 @@ What it hooks, and why there:
   (callbacks never see it), takes the baseline probe.
 - on_pre_optimizer_step: gradient norm of the trainable (LoRA) parameters, after clipping — exact
   below `max_grad_norm`, which is where the saturation threshold lives.
-- on_step_end: closes the step in the monitor and runs a check when one is due.
+- on_step_end: closes the step in the monitor and runs a check when one is due; a new prompt
+  version goes to TensorBoard / W&B as text with a word diff (`prompt_log.py`).
 - on_log: adds `nslora/*` metrics to the trainer's own logs, so `report_to` carries them.
 - on_save / on_train_end: artifacts into `checkpoint-N/nslora` and `<output_dir>/nslora`, the
   NSLoRA section of the model card next to them (`card.py`), and at the end the trainer's log
@@ -62,13 +63,15 @@ class NSLoRACallback(TrainerCallback):
         self.summary: dict[str, Any] = {}
         self._hook_handle: Any = None
         self._pending_losses: list[Any] = []
+        self._prompt_log: Any = None
+        self._trainer_callbacks: list[Any] = []
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        processing_class: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         if not self.config.enabled:
             return
-        _move_first(self)
+        self._trainer_callbacks = _move_first(self)
         tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
         if tokenizer is None:
             raise ValueError("NSLoRACallback needs the tokenizer: pass tokenizer=... or use a Trainer "
@@ -113,6 +116,10 @@ class NSLoRACallback(TrainerCallback):
             else:
                 log.warning("NSLoRA: resuming at step %s but %s has no NSLoRA state; starting the "
                             "loop afresh from the initial prompt", state.global_step, saved)
+        if state.is_world_process_zero:
+            from nslora_plugin.trainer.prompt_log import PromptLog
+
+            self._prompt_log = PromptLog(getattr(args, "report_to", None), self.loop.prompt_version)
         if train_dataloader is not None:
             wrap_collate_fn(train_dataloader,
                             lambda base: self.loop.wrap_collator(base, max_length=max_length))
@@ -164,6 +171,13 @@ class NSLoRACallback(TrainerCallback):
             self._with_ranks(lambda: self.loop.after_step(state.global_step, model), model)
         else:
             self.loop.after_step(state.global_step, model)
+        self._log_prompts(state)
+
+    def _log_prompts(self, state: Any) -> None:
+        """The prompt versions the `report_to` loggers have not had yet (`prompt_log.py`)."""
+        if self._prompt_log is not None:
+            self._prompt_log.flush(self.loop.prompt_history, self.loop.prompt_version,
+                                   self._trainer_callbacks, state.global_step)
 
     def _with_ranks(self, work: Any, model: Any) -> Any:
         """Run `work` (a start, a due check, the end) on every rank together (`ranks.py`): rank 0
@@ -195,6 +209,7 @@ class NSLoRACallback(TrainerCallback):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        self._log_prompts(state)
         self.summary = self._with_ranks(lambda: self.loop.finish(model, state.global_step), model)
         if self.config.prompt_in_template:  # what `trainer.save_model()` writes from now on
             from nslora_plugin.trainer.template import set_tokenizer_prompt
@@ -221,14 +236,15 @@ def _publish(callback: NSLoRACallback, folder: str | Path, artifacts: Path) -> N
         write_prompt_into_template(folder, callback.loop.prompt)
 
 
-def _move_first(callback: NSLoRACallback) -> None:
+def _move_first(callback: NSLoRACallback) -> list[Any]:
     """Put `callback` first in the trainer's callback list. Its `on_log` adds the `nslora/*`
     metrics to the log dict, and the `report_to` callbacks (TensorBoard, W&B, ...) only see what
     is in it when their own `on_log` runs; a callback passed as `Trainer(callbacks=[...])` — the
     way LLaMA-Factory and plain scripts add it — comes after them. A callback never receives the
     trainer, so the handler is found as the caller of this event (`CallbackHandler.call_event`).
     Moving an element from position k to 0 while the handler iterates keeps the iteration exact:
-    the callbacks after k keep their positions."""
+    the callbacks after k keep their positions. Returns the trainer's callback list ([] when no
+    handler called this event)."""
     import sys
 
     from transformers.trainer_callback import CallbackHandler
@@ -237,11 +253,12 @@ def _move_first(callback: NSLoRACallback) -> None:
     while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
         frame = frame.f_back
     if frame is None:
-        return
+        return []
     callbacks = frame.f_locals["self"].callbacks
     if callbacks and callbacks[0] is not callback and any(c is callback for c in callbacks):
         index = next(i for i, c in enumerate(callbacks) if c is callback)
         callbacks.insert(0, callbacks.pop(index))
+    return callbacks
 
 
 def as_config(config: NSLoRAConfig | dict | str | Path | None) -> NSLoRAConfig:
