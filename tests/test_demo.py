@@ -1,7 +1,7 @@
 """`nslora demo` end to end on a tiny real model (constraint editor, no LLM): the summary carries the
-plain-LoRA reference column next to NSLoRA's with the paired interval of their difference (or
-says plainly that n rows and one seed cannot separate them), and progress lines reach a
-non-terminal output."""
+plain-LoRA and manual-fix reference columns next to NSLoRA's with the paired intervals of the
+differences (or says plainly that n rows and one seed cannot separate them), and progress lines
+reach a non-terminal output."""
 
 from __future__ import annotations
 
@@ -15,15 +15,22 @@ def test_demo_reports_plain_lora_next_to_nslora_and_prints_progress(tmp_path, to
     work = write_trl_workdir(tmp_path, tokenizer)
     args = build_parser().parse_args([
         "--model", str(work / "tiny"), "--output-dir", str(tmp_path / "run"), "--no-editor-llm",
-        "--max-steps", "6", "--train-size", "24", "--probe-size", "4", "--eval-size", "4",
-        "--batch-size", "4"])
+        "--max-steps", "6", "--entities", "3", "--probe-size", "4", "--pool-size", "2",
+        "--eval-size", "4", "--batch-size", "4"])
     summary = run_demo(args)
     out = capsys.readouterr().out
 
-    plain = summary["plain_lora"]
+    assert summary["task"] == "synthetic" and summary["student"] == "raw"  # --model: as it is
+    plain, manual = summary["plain_lora"], summary["manual_fix"]
     assert set(plain["held_out"]) >= {"correctness", "format", "n"} and plain["held_out"]["n"] == 4
     assert plain["train_seconds"] > 0 and summary["nslora_train_seconds"] > 0
-    assert "plain LoRA" in out and "NSLoRA" in out
+    # the manual fix states the task's format rule in its prompt; plain LoRA keeps the original
+    assert "Final: <answer>" in manual["system_prompt"] and "Final" not in plain["system_prompt"]
+    assert manual["held_out"]["n"] == 4
+    assert "plain LoRA" in out and "manual fix" in out and "NSLoRA" in out
+    m = summary["comparison_manual_fix"]
+    assert m["measure"] == "held-out accuracy, NSLoRA − the manual fix"
+    assert m["interval95"][0] <= m["difference"] <= m["interval95"][1]
     # the comparison with its interval (one task instance, one seed, 4 rows): a tie, said plainly
     c = summary["comparison"]
     assert c["levels"] == "1 task seed × 1 seed × 4 items"
@@ -43,11 +50,14 @@ def test_demo_without_reference_has_no_plain_column(tmp_path, tokenizer, capsys)
     work = write_trl_workdir(tmp_path, tokenizer)
     args = build_parser().parse_args([
         "--model", str(work / "tiny"), "--output-dir", str(tmp_path / "run"), "--no-editor-llm",
-        "--max-steps", "2", "--train-size", "16", "--probe-size", "4", "--eval-size", "4",
-        "--batch-size", "4", "--no-reference"])
+        "--max-steps", "2", "--task", "word-problems", "--train-size", "16", "--probe-size", "4",
+        "--eval-size", "4", "--batch-size", "4", "--no-reference"])
     summary = run_demo(args)
-    assert summary["plain_lora"] is None
-    assert "plain LoRA" not in capsys.readouterr().out and "comparison" not in summary
+    assert summary["plain_lora"] is None and summary["manual_fix"] is None
+    assert summary["task"] == "word-problems"
+    assert summary["held_out_after"]["n"] == 4
+    out = capsys.readouterr().out
+    assert "plain LoRA" not in out and "manual fix" not in out and "comparison" not in summary
 
 
 def test_demo_comparison_names_a_tie_and_a_lead():

@@ -303,3 +303,21 @@ def test_cli_path_and_build_use_the_cache(tiny_base, warmed, capsys):
                  "--max-new-tokens", "2", "--threads", "1"]) == 0
     shown = capsys.readouterr().out
     assert "Compliance with a stated evaluation rule" in shown and "answer_line" in shown
+
+
+def test_student_option_picks_raw_for_a_given_model_and_warms_on_request(tiny_base, warmed):
+    import argparse
+
+    from nslora_plugin.apps.harness.compare import build_parser
+    from nslora_plugin.apps.student.choose import choose_student
+
+    result, cache = warmed
+    quiet = {"log": lambda m: None, "settings": TINY_SETTINGS, "cache_dir": cache}
+    args = build_parser(argparse.ArgumentParser()).parse_args(["--model", str(tiny_base)])
+    assert args.student is None
+    assert choose_student(args, **quiet) == (tiny_base, "raw")
+    args = build_parser(argparse.ArgumentParser()).parse_args(
+        ["--model", str(tiny_base), "--student", "warmed"])
+    assert choose_student(args, **quiet) == (result.path, "warmed")
+    with pytest.raises(SystemExit):
+        build_parser(argparse.ArgumentParser()).parse_args(["--student", "cooked"])

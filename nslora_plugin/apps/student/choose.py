@@ -1,0 +1,43 @@
+"""Which model the harness trains: the `--student` option of `demo`, `compare` and `sweep`.
+
+- no `--model`: the embedded SmolLM2-135M-Instruct, *warmed* by default (it follows a format
+  stated in its system prompt, as the 1B-8B students users train do), or raw with
+  `--student raw`;
+- `--model FOLDER`: that model as it is, unless `--student warmed` asks for it to be warmed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["STUDENTS", "add_student_argument", "choose_student"]
+
+STUDENTS = ("warmed", "raw")
+
+
+def add_student_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--student", choices=STUDENTS, default=None,
+        help="warmed: the model after the format-following warm-up (`nslora student build`, "
+             "built on first use and cached); raw: the model as it is. Default: warmed for the "
+             "embedded model, raw for --model")
+
+
+def choose_student(args: argparse.Namespace, log: Callable[[str], Any] = print,
+                   console: Any = None, *, settings: Any = None,
+                   cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """The model folder to train and which student it is (`"warmed"` or `"raw"`); `settings` and
+    `cache_dir` go to `ensure_warmed_student` (default: its defaults)."""
+    from nslora_plugin.apps.tools.models import ensure_default_model
+
+    model = getattr(args, "model", None)
+    student = getattr(args, "student", None) or ("raw" if model else "warmed")
+    base = Path(model) if model else ensure_default_model(log=log)
+    if student == "raw":
+        return base, "raw"
+    from nslora_plugin.apps.student.warmup import ensure_warmed_student
+
+    return ensure_warmed_student(base if model else None, settings, cache_dir=cache_dir, log=log,
+                                 console=console), "warmed"
