@@ -26,7 +26,11 @@ Arms on the same model, data, probe (gate) set and held-out set (the default is 
 - **fixed**: a fixed schedule in the style of DSPy's BetterTogether — a symbolic round on the
   baseline probe before the first step, then LoRA for the whole budget, prompts as data on;
 - **neurosymbolic_questions**: the paper's joint system + question edits — neurosymbolic with
-  `edit_questions: true` (an ablation; only the TextGrad editor rewrites questions).
+  `edit_questions: true` (an ablation; only the TextGrad editor rewrites questions);
+- with `--task drift` (weaknesses that appear during training, `drift.py`): the schedule arms
+  `fixed@0`, `fixed-even`, `alternate`, `random-timing` and `oracle-onset` (an upper bound) at one
+  editor budget, and `lora_instruction_final`; every arm has the scripted constraint editor
+  (`schedules.py`).
 
 Each arm's data mix (the pool's share of a batch and from which step) is in the results (`mix`)
 and in the table; the NSLoRA arms start mixing the pool in at their first accepted edit.
@@ -91,12 +95,16 @@ from nslora_plugin.core.util import read_jsonl_tolerant
 from nslora_plugin.apps.harness import tables
 from nslora_plugin.apps.harness.bootstrap import Interval, hierarchical_bootstrap
 from nslora_plugin.apps.harness.tasks import Task, check_no_answer_in_prompt, load_task
+from nslora_plugin.apps.harness.drift import add_drift_arguments, load_drift_task
+from nslora_plugin.apps.harness.schedules import (DRIFT_ARMS, check_drift_arms, drift_arm,
+                                                  final_instruction_rows, report_drift)
 
 DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
 ARMS = (*DEFAULT_ARMS, "neurosymbolic_strict", "lora", "lora_upsampled", "lora_instruction",
-        "lora_instruction_upsampled", "lora_instruction_all", "fixed", "neurosymbolic_questions")
+        "lora_instruction_upsampled", "lora_instruction_all", "fixed", "neurosymbolic_questions",
+        *DRIFT_ARMS)
 PLAIN_LORA_ARMS = ("lora", "lora_upsampled", "lora_instruction", "lora_instruction_upsampled",
-                   "lora_instruction_all")
+                   "lora_instruction_all", "lora_instruction_final")
 #: plain-LoRA arms whose pool rows replace `augment_share` of every batch from step 0
 UPSAMPLED_ARMS = ("lora_upsampled", "lora_instruction_upsampled")
 #: what `--hide-format-rule` says when the constraint editor is asked for
@@ -110,13 +118,17 @@ ACTION_KIND = {"symbolic": "symbolic", "numerical": "numerical"}
 
 # ------------------------------------------------------------------ CLI
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from nslora_plugin.apps.student.choose import add_student_argument
+
     p = parser or argparse.ArgumentParser(prog="nslora compare", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="synthetic",
-                   help="'synthetic' (fictional facts + a Final: line), 'gsm8k', or a JSONL file "
+                   help="'synthetic' (fictional facts + a Final: line), 'drift' (weaknesses that "
+                        "appear during training: --drift-* knobs), 'gsm8k', or a JSONL file "
                         "with question/answer rows (default: synthetic)")
     p.add_argument("--model", default=None,
                    help="local model folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    add_student_argument(p)
     p.add_argument("--output-dir", default="nslora-compare", help="run folder (default: ./nslora-compare)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help="comma-separated subset of " + ", ".join(ARMS) + " (default: "
@@ -181,6 +193,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "nor the reward's regex: only the failing examples and references (the "
                         "constraint editor is unavailable; the lora_instruction arms, a user's "
                         "manual fix, still write the task's instruction by hand)")
+    add_drift_arguments(p)
     return p
 
 
@@ -251,8 +264,9 @@ class FixedScheduleRoute:
 
     @hookimpl(tryfirst=True)
     def nslora_route(self, signal: Any, report: ProbeReport, labels: Sequence[Any],
-                     run: RunView) -> RouteDecision:
-        first = signal.step == 0 and bool(labels) and run.editor.available
+                     config: NSLoRAConfig, run: RunView) -> RouteDecision:
+        first = (signal.step == 0 and bool(labels) and run.editor.available
+                 and config.max_symbolic_rounds > 0)
         return RouteDecision(step=signal.step, action="symbolic" if first else "numerical",
                              reason="fixed schedule: " + ("prompt first" if first else "then LoRA"),
                              scores={"failures": float(len(labels))}, labels=list(labels),
@@ -413,6 +427,8 @@ def _instance_dir(output_dir: Path, task_seed: int, seed: int, task_seeds: Seque
 
 
 def _load(args: argparse.Namespace, task_seed: int) -> Task:
+    if args.task == "drift":
+        return load_drift_task(args, task_seed)
     return load_task(args.task, seed=task_seed, probe_size=args.probe_size,
                      held_out_size=args.held_out_size, n_train=args.train_size,
                      n_entities=args.entities, train_paraphrases=args.train_paraphrases,
@@ -439,6 +455,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise SystemExit(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
+    check_drift_arms(arms, args)
     if args.pool_size <= 0 and any(a in UPSAMPLED_ARMS for a in arms):
         raise SystemExit(f"--arms {','.join(a for a in arms if a in UPSAMPLED_ARMS)}: an upsampled "
                          "pool needs a pool (--pool-size N)")
@@ -450,22 +467,21 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.apps.student.choose import choose_student
 
     console.rule("[bold]nslora compare")
     tasks = {ts: _load(args, ts) for ts in task_seeds}
     task = tasks[task_seeds[0]]
     build_config(args, task, output_dir)  # a bad setting (a hidden rule and the constraint editor) stops here
-    model_path = Path(args.model) if args.model else ensure_default_model(
-        log=lambda m: console.print(m, markup=False))
-    console.print(f"model: {model_path}")
+    model_path, student = choose_student(args, log=lambda m: console.print(m, markup=False), console=console)
+    console.print(f"model: {model_path} ({student} student)")
     for ts, t in tasks.items():
         console.print(f"task (seed {ts}): {t.describe()}")
     if not torch.cuda.is_available():
         torch.set_num_threads(max(os.cpu_count() or 1, 1))
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
 
-    from nslora_plugin.apps.harness.demo import editor_endpoint
+    from nslora_plugin.apps.harness.endpoint import editor_endpoint
 
     local_editor = getattr(args, "editor_backend", "openai") == "local"
     if local_editor and not args.editor_model:
@@ -482,7 +498,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                   "splits": task.splits(),
                   "task_instances": {str(ts): {"task": _task_summary(t), "splits": t.splits()}
                                      for ts, t in tasks.items()},
-                  "model": str(model_path), "machine": machine(), "command": _command(),
+                  "model": str(model_path), "student": student, "machine": machine(), "command": _command(),
                   "settings": {"max_steps": args.max_steps, "check_every": config.check_every,
                                "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                "lora_r": args.lora_r, "max_new_tokens": args.max_new_tokens,
@@ -511,7 +527,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 model = _load_model(model_path)
                 console.print(f"held-out score of the untouched model (task seed {ts})…")
                 held = _examples(task.held_out)
-                report = _evaluate(tokenizer, held, task_config, model, task_config.system_prompt)
+                report = _evaluate(tokenizer, held, task_config, model, task_config.system_prompt,
+                                   plugins=task.scoring_plugins())
                 bases[str(ts)] = {**held_out_metrics(report, task, held),
                                   "eval_seconds": round(time.time() - t0, 1)}
                 del model
@@ -535,6 +552,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     result["wall_seconds"] = round(time.time() - t_start, 1)
     path = _write(result, args, output_dir)
     print_table(console, result)
+    report_drift(console, result, path)
     console.print(f"results: {path}")
     try:
         from nslora_plugin.apps.report import compare_report
@@ -677,12 +695,16 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         cfg = cfg.replace(edit_questions=True)
     if arm == "neurosymbolic_strict":  # an edit is kept on a reward gain only
         cfg = cfg.replace(gate_tie_break="reject")
+    drift = drift_arm(arm, task, cfg, args.max_steps)  # a drift task: schedule, editor, rewards
+    if drift is not None and arm not in PLAIN_LORA_ARMS:
+        cfg = drift.configure(cfg, plugins)
     study = None
     if arm.startswith("neurosymbolic") and intervention_steps(args, cfg) > 0:
         from nslora_plugin.apps.harness.interventions import InterventionStudy
 
         study = InterventionStudy(intervention_steps(args, cfg), seed=cfg.seed,
-                                  manual_instruction=task.format_instruction)
+                                  manual_instruction=task.format_instruction,
+                                  **(drift.study_options() if drift is not None else {}))
         plugins.append(study)
     pool = task.pool or None
     mix = planned_mix(arm, task, cfg)
@@ -692,6 +714,8 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
     if arm in PLAIN_LORA_ARMS:  # no NSLoRA at all: the rows and prompt a careful user would use
         rows, final_prompt = baseline_rows(arm, task, cfg)
         trainer = _trainer(args, task, cfg, tokenizer, model, arm_dir, rows=rows)
+        if drift is not None:
+            drift.watch(trainer, tokenizer, cfg, final_prompt)
         if arm in UPSAMPLED_ARMS:
             upsampler = pool_upsampler(tokenizer, cfg, task.pool, final_prompt, args.max_length)
             trainer.add_callback(upsampler)
@@ -704,7 +728,8 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
 
         probe = load_probe_examples(task.probe, limit=cfg.probe_size, seed=cfg.seed)
         loop = NeurosymbolicLoop(cfg, tokenizer, probe, output_dir=cfg.output_dir,
-                                 plugins=[SymbolicOnlyRoute(), recorder], console=console,
+                                 plugins=[SymbolicOnlyRoute(), recorder, *(drift.plugins if drift else ())],
+                                 console=console,
                                  pool=load_probe_examples(task.pool) if pool else ())
         loop.start(model)
         for step in range(cfg.check_every, args.max_steps + 1, cfg.check_every):
@@ -734,7 +759,7 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
                               fact_match=task.fact_match)
     t1 = time.time()
     held = _examples(task.held_out)
-    report = _evaluate(tokenizer, held, cfg, final_model, final_prompt)
+    report = _evaluate(tokenizer, held, cfg, final_model, final_prompt, plugins=task.scoring_plugins())
     metrics = held_out_metrics(report, task, held)
     (arm_dir / "held_out.jsonl").write_text("".join(
         json.dumps({**r.to_dict(), "kind": task.failure_kind(held[r.example_id].answer, r.completion)},
@@ -767,6 +792,8 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         "wall_seconds": round(wall, 1), "held_out_eval_seconds": round(time.time() - t1, 1),
         "artifacts": str(Path(cfg.output_dir)) if arm not in PLAIN_LORA_ARMS else str(arm_dir),
     }
+    if drift is not None:
+        out.update(drift.results(decisions, report, held))
     if study is not None:
         out["interventions"] = study.summary()
         (arm_dir / "interventions.jsonl").write_text(
@@ -811,6 +838,8 @@ def baseline_rows(arm: str, task: Task, cfg: NSLoRAConfig) -> tuple[list[dict[st
     comes through the collator (`PoolUpsampler`), under the evaluation prompt."""
     upsampled = arm in UPSAMPLED_ARMS
     rows = [dict(r) for r in (task.train if upsampled else [*task.train, *task.pool])]
+    if arm == "lora_instruction_final":  # drift tasks: the manual fix for the final spec
+        return final_instruction_rows(task, rows)  # type: ignore[arg-type]
     if arm in ("lora", "lora_upsampled"):
         return rows, cfg.system_prompt
     instruction = cfg.format_instruction or task.format_instruction  # hidden from the editors only
@@ -828,10 +857,12 @@ def _trainer(args: argparse.Namespace, task: Task, cfg: NSLoRAConfig, tokenizer:
     sft_args = sft_config(arm_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                           learning_rate=args.learning_rate, seed=args.seed, max_length=args.max_length,
                           disable_tqdm=True)
+    # a task with a data schedule (drift) lays its rows out per step, read in order
+    rows, in_order = task.training_rows(task.train if rows is None else rows, max_steps=args.max_steps,
+                                        batch_size=args.batch_size, seed=args.seed)
     # quiet: the loop's own lines say what happens
-    return build_sft_trainer(model, tokenizer, task.train if rows is None else rows,
-                             cfg.system_prompt, sft_args,
-                             lora_r=args.lora_r, quiet=True)
+    return build_sft_trainer(model, tokenizer, rows, cfg.system_prompt, sft_args,
+                             lora_r=args.lora_r, quiet=True, in_order=in_order)
 
 
 def _load_model(model_path: Path) -> Any:
@@ -847,11 +878,12 @@ def _examples(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _evaluate(tokenizer: Any, examples: dict[str, Any], config: NSLoRAConfig, model: Any,
-              prompt: str | None) -> ProbeReport:
+              prompt: str | None, plugins: Sequence[Any] = ()) -> ProbeReport:
     from nslora_plugin.core.registry import make_plugin_manager
     from nslora_plugin.core.probe import ProbeEvaluator
 
-    evaluator = ProbeEvaluator(tokenizer, list(examples.values()), config, make_plugin_manager(config))
+    evaluator = ProbeEvaluator(tokenizer, list(examples.values()), config,
+                               make_plugin_manager(config, plugins))
     return evaluator.evaluate(model, prompt, step=-1, version=-1)
 
 
@@ -901,6 +933,8 @@ def aggregate_runs(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
             "editors": _sum_editors(r.get("editors", {}) for r in done),
             "editor_calls": sum(r["editor_calls"] for r in done),
             "editor_tokens": sum(r["editor_tokens"] for r in done),
+            **({"editor_rounds_per_run": [r["editor_rounds"] for r in done]}  # drift tasks
+               if "editor_rounds" in done[0] else {}),
             "router": {"label_rule_agreement": round(statistics.fmean(agreements), 4) if agreements else None,
                        "failures": sum(r["router"]["failures"] for r in done),
                        "confusion_rule_by_label": _sum_confusions(r["router"] for r in done)},

@@ -62,10 +62,18 @@ def true_kind(prompt_fixes: bool | None, weights_fix: bool, both_fix: bool | Non
 class InterventionStudy:
     """A plugin for one NSLoRA arm: call `bind(trainer, callback)` once the trainer exists."""
 
-    def __init__(self, steps: int, *, manual_instruction: str | None = None, seed: int = 0) -> None:
+    def __init__(self, steps: int, *, manual_instruction: str | None = None, seed: int = 0,
+                 editor: Any = None, scoring_plugins: Sequence[Any] = (), in_order: bool = False) -> None:
         self.steps = steps
         self.manual_instruction = manual_instruction
         self.seed = seed
+        #: a deterministic editor plugin whose first candidate is the prompt branch's (first choice)
+        self.editor = editor
+        #: reward plugins the run scores with besides the built-ins (a drift task's rewards)
+        self.scoring_plugins = list(scoring_plugins)
+        #: the trainer reads its rows in order (a data schedule): the weights branch trains on the
+        #: batches the run trains on next, not on random rows
+        self.in_order = in_order
         self.trainer: Any = None
         self.callback: Any = None
         self.checks: list[dict[str, Any]] = []
@@ -76,6 +84,12 @@ class InterventionStudy:
     # ---------------------------------------------------------------- the candidate
     def candidate(self, prompt: str, failures: Sequence[ProbeResult], run: RunView) -> tuple[str | None, str]:
         config = run.config
+        if self.editor is not None:
+            proposal = self.editor.nslora_propose_edit(prompt=prompt, failures=failures,
+                                                       config=config, tried=(), run=run)
+            name = getattr(self.editor, "name", type(self.editor).__name__)
+            return (proposal.prompt, f"{name} editor (its first candidate)") if proposal is not None \
+                else (None, "none")
         if config.editor == "constraint":
             from nslora_plugin.builtins.editors.constraint import ConstraintEditor
 
@@ -114,7 +128,7 @@ class InterventionStudy:
         labels = {lab.example_id: lab.label for lab in decision.labels}
         model = self.trainer.model
         examples = [run.examples[r.example_id] for r in failures]
-        evaluator = _evaluator(run, examples)
+        evaluator = _evaluator(run, examples, self.scoring_plugins)
         prompt_alone = evaluator.evaluate(model, candidate, step=decision.step, version=-1) \
             if candidate is not None else None
         with _restored(self.trainer, self.callback):
@@ -137,8 +151,9 @@ class InterventionStudy:
                             "seconds": round(time.time() - t0, 2)})
 
     def _train(self, loop: Any, prompt: str | None, step: int) -> None:
-        """`k` optimizer steps on batches the run's collator would build now, from the branch's
-        own generator."""
+        """`k` optimizer steps on batches the run's collator would build now: the rows of the
+        run's next `k` batches when it reads them in order, else drawn by the branch's own
+        generator."""
         import torch
 
         from nslora_plugin.core.collator import NSLoRACollator
@@ -161,8 +176,12 @@ class InterventionStudy:
         model = trainer.model
         params = [p for p in model.parameters() if p.requires_grad]
         model.train()
-        for _ in range(self.steps):
-            idx = [rng.randrange(len(dataset)) for _ in range(batch_size)]
+        batches = len(dataset) // batch_size
+        first = max(min(step, batches - self.steps), 0)
+        for k in range(self.steps):
+            idx = (list(range((first + k) * batch_size, (first + k + 1) * batch_size))
+                   if self.in_order and first + k < batches
+                   else [rng.randrange(len(dataset)) for _ in range(batch_size)])
             batch = collate([dataset[i] for i in idx])
             batch = trainer._prepare_inputs(batch)
             from transformers import Trainer
@@ -179,11 +198,12 @@ class InterventionStudy:
         return summarize(self.checks, self.steps)
 
 
-def _evaluator(run: RunView, examples: Sequence[Any]) -> Any:
+def _evaluator(run: RunView, examples: Sequence[Any], plugins: Sequence[Any] = ()) -> Any:
     from nslora_plugin.core.probe import ProbeEvaluator
     from nslora_plugin.core.registry import make_plugin_manager
 
-    return ProbeEvaluator(run.tokenizer, list(examples), run.config, make_plugin_manager(run.config))
+    return ProbeEvaluator(run.tokenizer, list(examples), run.config,
+                          make_plugin_manager(run.config, plugins))
 
 
 class _restored:

@@ -87,9 +87,10 @@ def full_logits_sft_trainer_class() -> type:
 
 
 def build_sft_trainer(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], system_prompt: str | None,
-                      args: Any, *, lora_r: int, quiet: bool = False) -> Any:
+                      args: Any, *, lora_r: int, quiet: bool = False, in_order: bool = False) -> Any:
     """`SFTTrainer` + LoRA on question/answer rows rendered as chats under `system_prompt`
-    (on a CPU, the full-logits loss of `full_logits_sft_trainer_class`)."""
+    (on a CPU, the full-logits loss of `full_logits_sft_trainer_class`); `in_order`: the rows are
+    read in the order given (a data schedule), never shuffled."""
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -103,7 +104,20 @@ def build_sft_trainer(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    if in_order:
+        read_in_order(trainer)
     return trainer
+
+
+def read_in_order(trainer: Any) -> None:
+    """Make `trainer` read its training rows in their order: a sequential sampler in place of the
+    random one (TRL's `shuffle_dataset` is off by default, so the rows keep the order given)."""
+    from torch.utils.data import SequentialSampler
+
+    def sampler(dataset: Any = None) -> Any:
+        return SequentialSampler(trainer.train_dataset if dataset is None else dataset)
+
+    trainer._get_train_sampler = sampler
 
 
 def load_fp32_model(model_path: str | Path) -> Any:

@@ -8,6 +8,9 @@ hierarchical bootstrap interval over task instances, training seeds and held-out
 n of each level) and a plot: held-out accuracy against the mix, one line per arm, with its
 interval. The highest arm at each mix is named only where its interval against the runner-up
 excludes 0; otherwise the point is a tie.
+
+With `--task drift` the mix is the drift knob `--drift-sweep` names (the forgetting dose or the
+verbosity ratio, both shares of training replies); every point also writes its compliance plot.
 """
 
 from __future__ import annotations
@@ -54,15 +57,14 @@ def arm_interval(result: dict[str, Any], arm: str, n_boot: int) -> Interval:
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from nslora_plugin.apps.harness.compare import run_compare
 
-    if args.task != "synthetic":
-        raise SystemExit("nslora sweep: the mix knob exists for --task synthetic only")
+    knob = sweep_knob(args)
     mixes = _mixes(args.mix)
     out_dir = Path(args.output_dir)
     json_path = Path(args.json) if args.json else out_dir / "sweep.json"
     points = []
     for mix in mixes:
         point_args = copy.copy(args)
-        point_args.context_share = mix
+        setattr(point_args, knob, mix)
         point_args.output_dir = str(out_dir / f"mix-{mix:g}")
         point_args.json = str(out_dir / f"mix-{mix:g}" / "compare.json")
         result = run_compare(point_args)
@@ -74,9 +76,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                             "levels": iv.levels,
                             "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]]),
                             "per_run": a["held_out"].get("accuracy_per_run")}
-        points.append({"style_share": mix, "arms": summary, "verdict": result.get("verdict"),
+        points.append({"style_share": mix, "knob": knob, "arms": summary, "verdict": result.get("verdict"),
                        "result": result})
-    sweep = {"command": points[0]["result"]["command"] if points else "", "mixes": mixes,
+    sweep = {"command": points[0]["result"]["command"] if points else "", "mixes": mixes, "knob": knob,
              "arms": [a.strip() for a in args.arms.split(",") if a.strip()], "points": points}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(portable_paths(json.dumps(sweep, indent=2, ensure_ascii=False, default=str)) + "\n")
@@ -92,10 +94,28 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return sweep
 
 
+def sweep_knob(args: argparse.Namespace) -> str:
+    """The argument each `--mix` value sets: the synthetic task's `context_share`, or the drift
+    knob `--drift-sweep` names."""
+    if args.task == "synthetic":
+        return "context_share"
+    if args.task == "drift":
+        return "drift_" + getattr(args, "drift_sweep", "forget_dose")
+    raise SystemExit("nslora sweep: the mix knob exists for --task synthetic and --task drift only")
+
+
+def point_label(sweep: dict[str, Any], mix: float, short: bool = False) -> str:
+    """A point's name in the table: facts/style shares, or the drift knob and its value."""
+    knob = sweep.get("knob") or "context_share"
+    if knob == "context_share":
+        return f"{'' if short else 'facts/style '}{100 - 100 * mix:g}/{100 * mix:g}"
+    return f"{knob.removeprefix('drift_')} {mix:g}"
+
+
 def markdown(sweep: dict[str, Any]) -> str:
     from nslora_plugin.apps.harness.tables import markdown_table
 
-    columns = ["arm", *(f"facts/style {100 - 100 * m:g}/{100 * m:g}" for m in sweep["mixes"])]
+    columns = ["arm", *(point_label(sweep, m) for m in sweep["mixes"])]
     rows = []
     for arm in sweep["arms"]:
         cells = [arm]
@@ -105,7 +125,7 @@ def markdown(sweep: dict[str, Any]) -> str:
                          f"[{s['interval95'][0]:.3f}, {s['interval95'][1]:.3f}]"
                          + (f" ({s['levels']})" if s.get("levels") else ""))
         rows.append(cells)
-    calls = "; ".join(f"{100 - 100 * p['style_share']:g}/{100 * p['style_share']:g}: "
+    calls = "; ".join(f"{point_label(sweep, p['style_share'], short=True)}: "
                       f"{point_call(p.get('verdict'))}" for p in sweep["points"])
     return (markdown_table(columns, rows)
             + "\nheld-out accuracy, mean ± sd over runs [95 % hierarchical bootstrap interval] "
@@ -129,7 +149,9 @@ def plot(sweep: dict[str, Any], path: Path) -> Path | None:
         lo = [y - p["arms"][arm]["interval95"][0] for y, p in zip(ys, sweep["points"])]
         hi = [p["arms"][arm]["interval95"][1] - y for y, p in zip(ys, sweep["points"])]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
-    ax.set_xlabel("share of weaknesses a prompt can fix (facts stated in the question), %")
+    knob = sweep.get("knob") or "context_share"
+    ax.set_xlabel("share of weaknesses a prompt can fix (facts stated in the question), %"
+                  if knob == "context_share" else f"{knob.removeprefix('drift_')} (share of training replies), %")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.legend()

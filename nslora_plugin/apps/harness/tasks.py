@@ -45,7 +45,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from nslora_plugin.core.data import split_gsm8k
 from nslora_plugin.core.answers import answers_match, extract_final_answer, format_compliant, normalize_answer, phrase_in_text
@@ -102,6 +102,16 @@ class Task:
     def failure_kind(self, answer: str | None, completion: str) -> Kind | None:
         return failure_kind(answer, completion, answer_format=self.answer_format,
                             answer_pattern=self.answer_pattern, fact_match=self.fact_match)
+
+    def scoring_plugins(self) -> list[Any]:
+        """NSLoRA plugins that score held-out rows besides the built-in rewards (none here)."""
+        return []
+
+    def training_rows(self, rows: Sequence[dict[str, Any]], *, max_steps: int, batch_size: int,
+                      seed: int) -> tuple[list[dict[str, Any]], bool]:
+        """The rows a trainer gets and whether it must read them in order (a data schedule);
+        here the rows as they are, shuffled by the trainer."""
+        return list(rows), False
 
     def describe(self) -> str:
         pool = f", {len(self.pool)} pool" if self.pool else ""
