@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from nslora_plugin.apps.tools.serve import EditorServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# OpenMP threads that spin while waiting starve the other process when a test runs a training job
+# next to an editor server or a framework subprocess on few cores; passive waiting does not.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # ------------------------------------------------------------------------------------------------

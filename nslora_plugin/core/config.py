@@ -33,7 +33,7 @@ _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite 
                "str": "a string", "list": "a list"}
 
 #: Integer fields where 0 means "work it out from the data" and the word "auto" is accepted too.
-AUTO_FIELDS = frozenset({"probe_max_new_tokens"})
+AUTO_FIELDS = frozenset({"probe_max_new_tokens", "probe_batch_size"})
 
 #: what `check` in a field's metadata allows, and the words an error uses for it
 CHECKS = {"positive": "a number > 0", "non_negative": "a number >= 0",
@@ -127,8 +127,10 @@ class NSLoRAConfig:
         "long cap; replies cut at the cap are counted (`cut_replies`) and reported.",
         check="non_negative")
     probe_batch_size: int = _opt(
-        8, "probe", "Probe examples per generation batch (bounds the probe's KV-cache memory).",
-        check="positive")
+        0, "probe", "Probe examples per generation batch. 0 or 'auto': the most rows whose KV cache "
+        "and reference-NLL logits fit a share of the free device memory (the doctor's formula); a "
+        "number fixes it (bounds the probe's memory).",
+        check="non_negative")
     probe_stop_at_answer: bool = _opt(
         True, "probe", "End a probe reply at its first complete line matching answer_format (when "
         "no length / JSON / exact-match reward needs the whole reply).")

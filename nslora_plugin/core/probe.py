@@ -48,6 +48,71 @@ class CutReply(str):
     through every path a reply takes (ranks gather them by pickling) and `score` can count it."""
 
 
+#: The KV cache `generate` builds for the probe (`ProbeEvaluator.cache_implementation`).
+DYNAMIC, STATIC = "dynamic", "static"
+#: Rows per batch when the memory estimate cannot be made (a model config without the sizes).
+FALLBACK_BATCH_ROWS = 8
+#: Share of the free accelerator memory one probe batch may plan for (the rest: allocator slack,
+#: per-layer transients, what the estimate leaves out).
+GPU_MEMORY_SHARE = 0.5
+#: Share of the available RAM one probe batch may plan for on a CPU, and its cap in bytes.
+CPU_MEMORY_SHARE = 0.25
+CPU_MEMORY_CAP = 8 * 2**30
+
+
+def probe_kv_bytes(layers: int, kv_dim: int, tokens: int, dtype_bytes: int) -> int:
+    """KV cache of one probe row of `tokens` tokens: keys and values of every layer."""
+    return 2 * layers * kv_dim * tokens * dtype_bytes
+
+
+def probe_logits_bytes(vocab: int, tokens: int, dtype_bytes: int) -> int:
+    """Reference-NLL logits of one row of `tokens` tokens: the logits, their fp32 upcast and
+    the per-token loss (an upper bound: the probe keeps only the reference positions)."""
+    return tokens * vocab * (dtype_bytes + 8)
+
+
+def probe_row_bytes(model: Any, tokens: int) -> int | None:
+    """Memory of one probe row (KV cache + reference-NLL logits, as `nslora doctor` counts them)
+    for `model`, or None when its config lacks a size the estimate needs."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    try:
+        layers = int(cfg.num_hidden_layers)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads)
+        vocab = int(cfg.vocab_size)
+        embeddings = model.get_input_embeddings().weight
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    c = embeddings.element_size()  # the compute dtype (quantized linears keep embeddings in it)
+    return probe_kv_bytes(layers, kv_heads * head_dim, tokens, c) + probe_logits_bytes(vocab, tokens, c)
+
+
+def probe_memory_budget(device: Any) -> float:
+    """Bytes one probe batch may plan for on `device`: a share of the accelerator's free memory
+    (PyTorch's cached, unallocated blocks included), or of the available RAM on a CPU, capped."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return GPU_MEMORY_SHARE * (free + cached)
+    try:
+        import psutil
+
+        available = float(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - accelerate brings psutil
+        available = float(CPU_MEMORY_CAP)
+    return min(CPU_MEMORY_SHARE * available, CPU_MEMORY_CAP)
+
+
+def rows_that_fit(budget: float, row_bytes: int, rows: int) -> int:
+    """The largest batch, at most `rows`, whose rows fit `budget` (at least 1)."""
+    return max(1, min(rows, int(budget // max(row_bytes, 1))))
+
+
 def auto_token_cap(tokenizer: Any, references: Sequence[str]) -> int:
     """`probe_max_new_tokens: auto`: the longest reference in tokens plus a quarter, at least 16
     tokens more (a right reply may be worded a little longer than its reference)."""
@@ -57,6 +122,11 @@ def auto_token_cap(tokenizer: Any, references: Sequence[str]) -> int:
 
 
 class ProbeEvaluator:
+    #: the KV cache of the probe's `generate` (`DYNAMIC` or `STATIC`), and whether the decoding
+    #: forward is compiled (static cache only); internal switches, no config key
+    cache_implementation: str = DYNAMIC
+    compile_forward: bool = False
+
     def __init__(self, tokenizer: Any, examples: Sequence[ProbeExample], config: NSLoRAConfig,
                  plugin_manager: Any) -> None:
         self.tokenizer = tokenizer
@@ -77,6 +147,19 @@ class ProbeEvaluator:
         if self._token_cap is None:
             self._token_cap = auto_token_cap(self.tokenizer, [e.reference for e in self.examples])
         return self._token_cap
+
+    def batch_rows(self, model: Any, rows: int, tokens: int) -> int:
+        """Rows per batch: `probe_batch_size`, or with 0 ("auto") the most of `rows` whose KV
+        cache and NLL logits at `tokens` tokens a row fit the memory budget. Sharded ranks take
+        the smallest answer of all (every rank must run as many forwards)."""
+        if self.config.probe_batch_size > 0:
+            return self.config.probe_batch_size
+        row = probe_row_bytes(model, tokens)
+        fit = (min(rows, FALLBACK_BATCH_ROWS) if row is None
+               else rows_that_fit(probe_memory_budget(_device_of(model)), row, rows))
+        if self.ranks.sharded and self.ranks.several:
+            fit = min(self.ranks.gather([fit]))
+        return max(fit, 1)
 
     # ---------------------------------------------------------------- public
     def evaluate(self, model: Any, prompt: str | None, *, step: int, version: int) -> ProbeReport:
@@ -151,7 +234,7 @@ class ProbeEvaluator:
     def _generate_here(self, model: Any, prompt: str | None, questions: Sequence[str]) -> list[str]:
         self.rows_answered += len(questions)
         return [reply for chunk in self._generated_chunks(model, prompt, questions)
-                for reply in chunk[0]]
+                for reply in chunk[1]]
 
     def _generate_and_score_here(self, model: Any, prompt: str | None,
                                  examples: Sequence[ProbeExample], *,
@@ -163,19 +246,21 @@ class ProbeEvaluator:
         parameters: every rank must run the same forwards) the full pass is always taken."""
         replies: list[str] = []
         nlls: list[float] = []
-        size = self.config.probe_batch_size
         self.rows_answered += len(examples)
         chunks = self._generated_chunks(model, prompt, [e.question for e in examples],
                                         keep_cache=reuse_cache)
-        for i, (texts, enc, cache) in enumerate(chunks):
+        for start, texts, enc, cache in chunks:
             replies.extend(texts)
-            batch = examples[i * size:(i + 1) * size]
+            batch = examples[start:start + len(texts)]
             scored = self._nll_on_cache(model, prompt, batch, enc, cache) if reuse_cache else None
-            nlls.extend(scored if scored is not None else self.reference_nll(model, prompt, batch))
+            nlls.extend(scored if scored is not None
+                        else self.reference_nll(model, prompt, batch, batch_size=len(batch)))
         return replies, nlls
 
     def _generated_chunks(self, model: Any, prompt: str | None, questions: Sequence[str],
-                          keep_cache: bool = False) -> Iterator[tuple[list[str], Any, Any]]:
+                          keep_cache: bool = False) -> Iterator[tuple[int, list[str], Any, Any]]:
+        """Per batch: its first row's index, its replies, its left-padded prompts and (with
+        `keep_cache`, on the dynamic cache) the KV cache `generate` built."""
         import torch
 
         tok = self.tokenizer
@@ -186,8 +271,11 @@ class ProbeEvaluator:
         device = _device_of(model)
         cap = self.max_new_tokens
         ended = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
-        for start in range(0, len(texts), self.config.probe_batch_size):
-            chunk = texts[start:start + self.config.probe_batch_size]
+        longest = max((len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]), default=0)
+        size = self.batch_rows(model, len(texts), longest + cap)
+        speed = self._generation_kwargs()
+        for start in range(0, len(texts), size):
+            chunk = texts[start:start + size]
             tok.padding_side = "left"
             try:
                 enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -199,13 +287,31 @@ class ProbeEvaluator:
                 out = model.generate(**enc, max_new_tokens=cap,
                                      do_sample=False, pad_token_id=tok.pad_token_id,
                                      use_cache=True, stopping_criteria=stop,
-                                     return_dict_in_generate=True, **extra)
+                                     return_dict_in_generate=True, **speed, **extra)
             new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
             replies = [CutReply(o.strip()) if len(row) >= cap and int(row[-1]) not in ended else o.strip()
                        for o, row in zip(tok.batch_decode(new_tokens, skip_special_tokens=True), new_tokens)]
             # transformers >= 5.2x calls the output's cache `cache`, older releases `past_key_values`
             cache = next((out[k] for k in ("cache", "past_key_values") if k in out), None)
-            yield replies, enc, (cache if keep_cache else None)
+            yield start, replies, enc, (cache if keep_cache and not speed else None)
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        """`generate`'s arguments for the static cache and the compiled decoding forward; empty
+        on the dynamic cache (the default)."""
+        if self.cache_implementation == DYNAMIC:
+            return {}
+        if self.cache_implementation != STATIC:
+            raise ValueError(f"NSLoRA: unknown probe cache {self.cache_implementation!r}")
+        extra: dict[str, Any] = {"cache_implementation": STATIC}
+        if self.compile_forward:
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True  # transformers compiles on GPUs only otherwise
+            extra["compile_config"] = compile_config
+        else:
+            extra["disable_compile"] = True
+        return extra
 
     def _nll_on_cache(self, model: Any, prompt: str | None, examples: Sequence[ProbeExample],
                       enc: dict[str, Any], cache: Any) -> list[float] | None:
@@ -253,9 +359,10 @@ class ProbeEvaluator:
             return None
         return _mean_nll(logits[:, :longest], labels)
 
-    def reference_nll(self, model: Any, prompt: str | None,
-                      examples: Sequence[ProbeExample]) -> list[float]:
-        """Mean NLL per reference token under the current prompt (no gradient)."""
+    def reference_nll(self, model: Any, prompt: str | None, examples: Sequence[ProbeExample], *,
+                      batch_size: int | None = None) -> list[float]:
+        """Mean NLL per reference token under the current prompt (no gradient), `batch_size` rows
+        a forward (default: `batch_rows`)."""
         import torch
 
         tok = self.tokenizer
@@ -269,9 +376,10 @@ class ProbeEvaluator:
             rows.append((ids, min(start, len(ids) - 1)))
         nlls: list[float] = []
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        size = batch_size or self.batch_rows(model, len(rows), max((len(ids) for ids, _ in rows), default=0))
         with eval_mode(model), torch.no_grad():
-            for s in range(0, len(rows), self.config.probe_batch_size):
-                chunk = rows[s:s + self.config.probe_batch_size]
+            for s in range(0, len(rows), size):
+                chunk = rows[s:s + size]
                 nlls.extend(_chunk_nll(model, chunk, pad, device))
         return nlls
 

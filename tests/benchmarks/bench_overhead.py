@@ -26,18 +26,32 @@ editor calls, gate evaluations, artifacts) and, last, `wall-time ratio nslora/pl
 
     python tests/benchmarks/bench_overhead.py --cadence demo                     # constraint editor
     python tests/benchmarks/bench_overhead.py --cadence demo --editor textgrad    # + the 135M editor LLM
+
+What it costs at the cadence users run (`--cadence default`): the recipes' cadence, which is the
+config's defaults (a check every 20 steps, 16 probe rows, the automatic token cap and probe batch),
+over 200 steps of 4 rows on the embedded model (`--model tiny` for a smoke run). Plain LoRA and
+LoRA + NSLoRA train in two threads of one process and hand a baton over every `--chunk` steps
+(default: each check), so only one runs at a time and both see the same machine load; each one's
+time is the time it held the baton. It prints NSLoRA's own time per stage (probe generation,
+reference NLL, gate, editor, artifacts, collator, callback and loop) as a share of plain
+training time, the training tokens the method adds (a longer prompt, prompts-as-data rows) on
+their own line, and last `wall-time ratio nslora/plain: X.XX`; `--out` writes the numbers as JSON:
+
+    python tests/benchmarks/bench_overhead.py --cadence default --out overhead-default.json
+    python tests/benchmarks/bench_overhead.py --cadence default --model tiny --steps 40   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -315,10 +329,266 @@ def cadence(args: argparse.Namespace) -> None:
     print(f"wall-time ratio nslora/plain: {nslora / plain:.2f}")
 
 
+# ------------------------------------------------------------------ the recipes' cadence (one process)
+class Baton:
+    """Two trainers in two threads, one running at a time: each hands the baton over after every
+    chunk of steps, so machine-load drift hits both alike; the time each held it is its own."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        import threading
+
+        self.names = list(names)
+        self.turn = self.names[0]
+        self.held = {n: 0.0 for n in self.names}
+        self.finished: set[str] = set()
+        self.failed = False
+        self._cond = threading.Condition()
+        self._since = 0.0
+
+    def take(self, name: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.turn == name or self.failed)
+            if self.failed:
+                raise RuntimeError("the other variant failed")
+            self._since = time.perf_counter()
+
+    def give(self, name: str, *, done: bool = False, failed: bool = False) -> None:
+        with self._cond:
+            if self.turn == name:
+                self.held[name] += time.perf_counter() - self._since
+            if done:
+                self.finished.add(name)
+            self.failed = self.failed or failed
+            waiting = [n for n in self.names if n != name and n not in self.finished]
+            self.turn = waiting[0] if waiting else name
+            self._cond.notify_all()
+
+
+class TokenTally:
+    """Training tokens NSLoRA's collator adds to each batch: the prompt swapped into each row
+    (the accepted prompt is longer or shorter than the initial one) and the prompts-as-data rows
+    mixed in (each replacing a row)."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.augmented = 0
+
+    def install(self) -> None:
+        from nslora_plugin.core.collator import NSLoRACollator
+
+        swap, mix, tally = NSLoRACollator._swap_one, NSLoRACollator._mix, self
+
+        def swap_one(collator: Any, feature: dict[str, Any], *a: Any, **k: Any) -> Any:
+            out = swap(collator, feature, *a, **k)
+            tally.prompt += len(out["input_ids"]) - len(feature["input_ids"])
+            return out
+
+        def mixed(collator: Any, features: list[dict[str, Any]], *a: Any, **k: Any) -> Any:
+            before = sum(len(f["input_ids"]) for f in features)
+            out = mix(collator, features, *a, **k)
+            tally.augmented += sum(len(f["input_ids"]) for f in out) - before
+            return out
+        NSLoRACollator._swap_one, NSLoRACollator._mix = swap_one, mixed
+
+
+#: the stages of NSLoRA's own time, in print order
+STAGES = ("probe generation", "reference NLL", "gate", "editor", "artifacts", "collator",
+          "callback and loop")
+
+
+def default_cadence(args: argparse.Namespace) -> None:
+    """Plain LoRA and LoRA + NSLoRA at the recipes' cadence (the config's defaults), interleaved
+    chunk by chunk in two threads of one process."""
+    import tempfile
+    import threading
+
+    import torch
+    from rich.console import Console
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from nslora_plugin import NSLoRAConfig
+    from nslora_plugin.apps.harness import sft
+    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.core.artifacts import ArtifactStore
+    from nslora_plugin.core.collator import NSLoRACollator
+    from nslora_plugin.core.data import make_word_problems
+    from nslora_plugin.core.loop import NeurosymbolicLoop
+    from nslora_plugin.core.probe import ProbeEvaluator
+    from nslora_plugin.trainer.callback import NSLoRACallback, attach
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nslora-bench-default-"))
+    model_dir = ensure_default_model(args.cache, prefer_hub=False)
+    if args.model == "tiny":
+        from tiny import save_tiny_model
+
+        model_dir = save_tiny_model(model_dir, workdir / "tiny-model")
+    elif args.model != "default":
+        model_dir = Path(args.model)
+
+    book = Breakdown()
+    for name in ("generate_and_score", "generate"):
+        book.wrap(ProbeEvaluator, name, "probe generation")
+    for name in ("_nll_on_cache", "reference_nll"):
+        book.wrap(ProbeEvaluator, name, "reference NLL")
+    book.wrap(NeurosymbolicLoop, "gate", "gate")
+    for module, cls in (("constraint", "ConstraintEditor"), ("textgrad", "TextGradEditor"),
+                        ("demonstrations", "DemonstrationsEditor")):
+        editor = getattr(__import__(f"nslora_plugin.builtins.editors.{module}", fromlist=[cls]), cls)
+        book.wrap(editor, "nslora_propose_edit", "editor")
+    for method in ("append_jsonl", "write_json", "write_jsonl", "write_prompt", "write_augmented",
+                   "copy_into", "flush"):
+        book.wrap(ArtifactStore, method, "artifacts")
+    for method in ("_swap_one", "_mix"):
+        book.wrap(NSLoRACollator, method, "collator")
+    for method in ("on_train_begin", "on_step_end", "on_pre_optimizer_step", "_capture_loss",
+                   "on_log", "on_save", "on_train_end"):
+        book.wrap(NSLoRACallback, method, "callback and loop")
+    tally = TokenTally()
+    tally.install()
+
+    system = "You are a helpful assistant."
+    rows = make_word_problems(16 + args.steps * args.batch_size, seed=1)
+    probe_rows, train_rows = rows[:16], rows[16:]
+    config = NSLoRAConfig(system_prompt=system, answer_format=r"^Answer: (-?\d+)\s*$",
+                          format_instruction="End your reply with a final line of the form "
+                                             "'Answer: <number>'.",
+                          editor=args.editor, editor_base_url=args.editor_base_url,
+                          editor_model=args.editor_model, output_dir=str(workdir / "nslora" / "nslora"),
+                          seed=0)
+    if args.probe_batch_size is not None:  # "auto" is 0, set past the config's check for > 0
+        config.probe_batch_size = 0 if args.probe_batch_size == "auto" else int(args.probe_batch_size)
+    chunk = args.chunk or config.check_every
+    names = ("plain", "nslora")
+    baton = Baton(names)
+    tokens = {n: 0 for n in names}
+    errors: dict[str, BaseException] = {}
+    trainers: dict[str, Any] = {}
+    callback = None
+    for name in names:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # each its own (NSLoRA edits its template)
+        torch.manual_seed(0)
+        sft_args = sft.sft_config(workdir / name, max_steps=args.steps, batch_size=args.batch_size,
+                                  learning_rate=args.learning_rate, seed=0, max_length=256,
+                                  logging_steps=chunk, disable_tqdm=True)
+        trainer = sft.build_sft_trainer(sft.load_fp32_model(model_dir), tokenizer, train_rows, system,
+                                        sft_args, lora_r=args.lora_r, quiet=True)
+        if name == "nslora":
+            callback = attach(trainer, config, probe=probe_rows, console=Console(quiet=True))
+
+        def count(module: Any, a: Any, k: Any, name: str = name) -> None:
+            if module.training and k.get("attention_mask") is not None:
+                tokens[name] += int(k["attention_mask"].sum())
+        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+
+        class Handover(TrainerCallback):
+            def on_step_end(self, a: Any, state: Any, control: Any, name: str = name, **k: Any) -> None:
+                if state.global_step % chunk == 0 and state.global_step < state.max_steps:
+                    baton.give(name)
+                    if name == names[-1]:
+                        print(f"step {state.global_step:4d}/{args.steps}: " + ", ".join(
+                            f"{n} {baton.held[n]:.1f} s" for n in names), flush=True)
+                    baton.take(name)
+        trainer.add_callback(Handover())  # after NSLoRA's callback: a chunk ends after its check
+        trainers[name] = trainer
+
+    def train(name: str) -> None:
+        try:
+            baton.take(name)
+            trainers[name].train()
+            baton.give(name, done=True)
+        except BaseException as exc:  # the other thread must not wait forever
+            errors[name] = exc
+            baton.give(name, done=True, failed=True)
+
+    threads = [threading.Thread(target=train, args=(n,), name=f"bench-{n}") for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        name, exc = next(iter(errors.items()))
+        raise RuntimeError(f"the {name} run failed") from exc
+
+    plain, nslora = baton.held["plain"], baton.held["nslora"]
+    spent = {stage: book.seconds.get(stage, 0.0) for stage in STAGES}
+    own = sum(spent.values())
+    loop = callback.loop
+    decisions = callback.summary.get("decisions", {})
+    probe_setting = config.probe_batch_size or "auto"
+    extra = tokens["nslora"] - tokens["plain"]
+    print(f"\n{device_line()}; {args.threads} threads; the recipes' cadence: {args.steps} steps of "
+          f"{args.batch_size} rows, check every {config.check_every}"
+          f"{' + one at start' if config.check_at_start else ''}, {config.probe_size} probe rows, cap "
+          f"{'auto' if not config.probe_max_new_tokens else config.probe_max_new_tokens} "
+          f"({loop.evaluator.max_new_tokens} tokens), probe batch {probe_setting}, editor {args.editor}; "
+          f"interleaved in chunks of {chunk} steps; model {args.model}; decisions {decisions}")
+    print(f"plain LoRA              {plain:8.1f} s")
+    print(f"LoRA + NSLoRA           {nslora:8.1f} s  ({nslora / plain:.3f} of plain), of which:")
+    print(f"  training              {nslora - own:8.1f} s  ({(nslora - own) / plain:.3f} of plain)")
+    for stage in STAGES:
+        print(f"  {stage:<21} {spent[stage]:8.1f} s  ({spent[stage] / plain:.3f} of plain; "
+              f"{book.calls.get(stage, 0)} calls)")
+    print(f"  (the gate's candidate probes: {book.inclusive.get('gate', 0.0):.1f} s inclusive, counted "
+          f"above as generation and NLL)")
+    share = extra / max(tokens["plain"], 1)
+    print(f"extra training tokens: {extra:+,} = {share:+.2%} of plain's {tokens['plain']:,} (longer "
+          f"prompt {tally.prompt:+,}, prompts-as-data rows {tally.augmented:+,}; "
+          f"{loop.batch_stats.get('augmented', 0)} rows mixed in)")
+    result = {"device": device_line(), "threads": args.threads, "model": args.model, "steps": args.steps,
+              "batch_size": args.batch_size, "chunk": chunk, "editor": args.editor,
+              "check_every": config.check_every, "probe_size": config.probe_size,
+              "probe_max_new_tokens": loop.evaluator.max_new_tokens, "probe_batch_size": probe_setting,
+              "plain_seconds": round(plain, 3), "nslora_seconds": round(nslora, 3),
+              "ratio": round(nslora / plain, 4), "training_seconds": round(nslora - own, 3),
+              "stages_seconds": {k: round(v, 3) for k, v in spent.items()},
+              "stages_share_of_plain": {k: round(v / plain, 4) for k, v in spent.items()},
+              "stage_calls": {k: book.calls.get(k, 0) for k in STAGES},
+              "gate_inclusive_seconds": round(book.inclusive.get("gate", 0.0), 3),
+              "tokens": tokens, "extra_tokens": extra, "extra_token_share": round(share, 4),
+              "extra_tokens_prompt": tally.prompt, "extra_tokens_augmented": tally.augmented,
+              "decisions": decisions}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wall-time ratio nslora/plain: {nslora / plain:.2f}")
+
+
+@contextlib.contextmanager
+def editor_endpoint(args: argparse.Namespace) -> Iterator[None]:
+    """With `--editor textgrad` and no `--editor-base-url`: the embedded editor LLM, served on
+    loopback for the run (sets `args.editor_base_url` / `args.editor_model`)."""
+    if args.editor != "textgrad" or args.editor_base_url:
+        yield
+        return
+    import tempfile
+
+    from nslora_plugin.apps.tools.models import ensure_default_model
+    from nslora_plugin.apps.tools.serve import EditorServer
+
+    model_dir = ensure_default_model(args.cache, prefer_hub=False)
+    server = EditorServer(model_dir, log_path=Path(tempfile.mkdtemp(prefix="nslora-editor-")) / "server.log")
+    try:
+        server.start()
+        args.editor_base_url, args.editor_model = server.base_url, server.model
+        yield
+    finally:
+        server.stop()
+
+
+def device_line() -> str:
+    import torch
+
+    from nslora_plugin.trainer.precision import cpu_model_name
+
+    return (f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+            else f"CPU: {cpu_model_name()}")
+
+
 # ------------------------------------------------------------------ the comparison (parent)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), 'mid', or a folder")
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M), 'mid', 'tiny' (--cadence default), or a folder")
     p.add_argument("--reps", type=int, default=3, help="repetitions per variant (interleaved)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
@@ -326,13 +596,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=max(os.cpu_count() or 1, 1))
     p.add_argument("--cache", default=os.environ.get("NSLORA_CACHE", str(REPO / ".cache" / "nslora-test")))
     p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers here")
-    p.add_argument("--cadence", choices=("none", "demo"), default="none",
-                   help="demo: the whole overhead at the demo's own cadence (see the docstring)")
+    p.add_argument("--json", "--out", dest="json", default=None, help="also write the numbers here (JSON)")
+    p.add_argument("--cadence", choices=("none", "demo", "default"), default="none",
+                   help="demo: the whole overhead at the demo's own cadence; default: at the recipes' "
+                        "cadence, the config's defaults (see the docstring)")
     p.add_argument("--editor", choices=("constraint", "textgrad"), default="constraint",
-                   help="with --cadence demo: the editor (textgrad starts the embedded editor LLM)")
+                   help="with --cadence demo/default: the editor (textgrad starts the embedded editor "
+                        "LLM unless --editor-base-url is given)")
+    p.add_argument("--editor-base-url", default=None, help="with --cadence default: the editor's endpoint")
+    p.add_argument("--editor-model", default=None, help="with --cadence default: the editor's model")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="with --cadence default: steps each variant runs before handing over "
+                        "(default: check_every)")
+    p.add_argument("--lora-r", type=int, default=16, help="with --cadence default")
+    p.add_argument("--probe-batch-size", default=None,
+                   help="with --cadence default: a number or 'auto' (the memory estimate's batch); "
+                        "default: the config's default")
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="with --cadence default")
     p.add_argument("--worker", dest="variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cadence == "default":
+        if args.model == "mid":
+            p.error("--cadence default: --model is 'default', 'tiny' or a model folder")
+        if "--steps" not in sys.argv:
+            args.steps = 200
+        if "--batch-size" not in sys.argv:
+            args.batch_size = 4  # the CPU recipes'
+        with editor_endpoint(args):
+            default_cadence(args)
+        return
     if args.cadence == "demo":
         if "--steps" not in sys.argv:
             args.steps = 48  # the demo's default

@@ -71,6 +71,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nslora_plugin.core.probe import probe_kv_bytes, probe_logits_bytes
+
 __all__ = ["ModelShape", "TrainSettings", "MemoryEstimate", "PRESETS", "resolve_model",
            "shape_from_config", "estimate", "format_table", "settings_from_trl_config",
            "settings_from_accelerate_config", "main"]
@@ -244,10 +246,11 @@ class TrainSettings:
 
     def probe_rows_per_rank(self) -> int:
         """Rows one rank generates at once: its share of the probe rows, batched."""
+        batch = self.probe_batch_size or self.probe_size or 16  # 0, auto: every row at once (at most)
         if self.probe_size is None or not self.multi:
-            return self.probe_batch_size
+            return batch
         share = -(-self.probe_size // self.num_ranks)
-        return max(1, min(self.probe_batch_size, share))
+        return max(1, min(batch, share))
 
     def targets(self) -> list[str]:
         t = self.target_modules
@@ -410,11 +413,11 @@ def estimate(model: ModelShape, s: TrainSettings) -> MemoryEstimate:
     rows = s.probe_rows_per_rank()
     share = (f" (this rank's rows: {s.probe_size} / {s.num_ranks} ranks, batched by "
              f"{s.probe_batch_size})" if s.multi and s.probe_size is not None else "")
-    kv = 2 * m.num_layers * m.kv_dim * probe_tokens * rows * c
+    kv = probe_kv_bytes(m.num_layers, m.kv_dim, probe_tokens, c) * rows
     est.rows.append(("probe KV cache", kv,
                      f"batch {rows} x ({s.probe_prompt_len} + {s.probe_max_new_tokens}) "
                      f"tokens x {m.num_layers} layers x 2 x kv {m.kv_dim}{share}"))
-    nll = rows * probe_tokens * m.vocab_size * (c + 8)
+    nll = probe_logits_bytes(m.vocab_size, probe_tokens, c) * rows
     est.rows.append(("probe reference-NLL logits", nll,
                      f"batch {rows} x {probe_tokens} tokens x V x {c + 8} B"))
     est.rows.append(("editor LLM", 0.0, "offloaded to editor_base_url (no memory on this card)"))
@@ -534,7 +537,8 @@ def settings_from_trl_config(path: str | Path) -> tuple[str | None, dict[str, An
                      ("nslora_probe_size", "probe_size"),
                      ("nslora_probe_max_new_tokens", "probe_max_new_tokens")):
         if cfg.get(src) is not None and not (src == "lora_r" and out.get("lora_r") == 0):
-            out[dst] = cfg[src]
+            auto = isinstance(cfg[src], str) and cfg[src].strip().lower() == "auto"
+            out[dst] = 0 if auto and dst.startswith("probe_") else cfg[src]
     if cfg.get("lora_target_modules") is not None:
         t = cfg["lora_target_modules"]
         out["target_modules"] = t[0] if isinstance(t, list) and len(t) == 1 else t
