@@ -462,24 +462,6 @@ class GEPAEditor(LLMEditor):
             self._check_run_budget(config, run)
         return None
 
-    def _check_run_budget(self, config: NSLoRAConfig, run: RunView,
-                          refused: EditorError | None = None) -> None:
-        """Close the editor for the rest of the run once its run budget cannot pay for one
-        reflection call (or just refused one)."""
-        if self.budget is None or self.budget_reason:
-            return
-        if isinstance(refused, EditorBudgetSpent) and refused.scope == "run":
-            reason = str(refused)
-        else:
-            reason = self.budget.run_spent(1)
-        if reason is None:
-            return
-        self.usage.budget_spent = reason
-        self.budget_reason = reason
-        run.record_fault("budget", EditorBudgetSpent(
-            f"the editor budget of this run is spent ({reason}); the router stays numerical from "
-            "now on", "run"))
-
     # ---------------------------------------------------------------- the hook
     @hookimpl(tryfirst=True)
     def nslora_propose_edit(self, prompt: str, failures: Sequence[ProbeResult],

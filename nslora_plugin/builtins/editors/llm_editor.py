@@ -9,6 +9,7 @@ from typing import Any
 from nslora_plugin.builtins.editors.budget import Budget, Usage
 from nslora_plugin.builtins.editors.cache import ReplyCache
 from nslora_plugin.builtins.editors.clients import EditorClient, make_client
+from nslora_plugin.builtins.editors.errors import EditorBudgetSpent, EditorError
 from nslora_plugin.core.config import NSLoRAConfig
 from nslora_plugin.core.hookspecs import hookimpl
 from nslora_plugin.core.records import EditorStatus
@@ -59,6 +60,28 @@ class LLMEditor:
     def nslora_load_state(self, state: dict[str, Any], run: RunView) -> None:
         if state.get("usage"):  # a resumed run keeps counting against the same run budget
             self.usage.load(state["usage"])
+
+    def round_calls(self, config: NSLoRAConfig) -> int:
+        """Calls the smallest round needs (one reflection call unless a subclass says more)."""
+        return 1
+
+    def _check_run_budget(self, config: NSLoRAConfig, run: RunView,
+                          refused: EditorError | None = None) -> None:
+        """Close the editor for the rest of the run once its run budget cannot pay for the
+        smallest round (`round_calls`), or just refused a call."""
+        if self.budget is None or self.budget_reason:
+            return
+        if isinstance(refused, EditorBudgetSpent) and refused.scope == "run":
+            reason = str(refused)
+        else:
+            reason = self.budget.run_spent(self.round_calls(config))
+        if reason is None:
+            return
+        self.usage.budget_spent = reason
+        self.budget_reason = reason
+        run.record_fault("budget", EditorBudgetSpent(
+            f"the editor budget of this run is spent ({reason}); the router stays numerical from "
+            "now on", "run"))
 
     def connect(self, config: NSLoRAConfig, run: RunView | None = None) -> EditorClient:
         if self.client is None:

@@ -150,23 +150,9 @@ class TextGradEditor(LLMEditor):
     def calls_per_example(self, config: NSLoRAConfig) -> int:
         return 3 + (2 if config.edit_questions else 0)
 
-    def _check_run_budget(self, config: NSLoRAConfig, run: RunView,
-                          refused: EditorError | None = None) -> None:
-        """Close the editor for the rest of the run once its run budget cannot pay for a round
-        (or just refused a call)."""
-        if self.budget is None or self.budget_reason:
-            return
-        if isinstance(refused, EditorBudgetSpent) and refused.scope == "run":
-            reason = str(refused)
-        else:
-            reason = self.budget.run_spent(self.calls_per_example(config) + 1)
-        if reason is None:
-            return
-        self.usage.budget_spent = reason
-        self.budget_reason = reason
-        run.record_fault("budget", EditorBudgetSpent(
-            f"the editor budget of this run is spent ({reason}); the router stays numerical from "
-            "now on", "run"))
+    def round_calls(self, config: NSLoRAConfig) -> int:
+        """Calls the smallest round needs: one example's calls and the rewrite."""
+        return self.calls_per_example(config) + 1
 
     # ---------------------------------------------------------------- the hook
     @hookimpl(tryfirst=True)
