@@ -477,8 +477,7 @@ class GEPAEditor(LLMEditor):
             return None
         client = self.connect(config, run)
         assert self.budget is not None
-        before = (self.usage.calls, self.usage.tokens_used(), self.usage.cached_calls,
-                  self.usage.failed_calls)
+        before = self.usage_mark()
         self.budget.start_round()
         proposals: list[EditProposal] = []
         fault: EditorError | None = None
@@ -494,13 +493,8 @@ class GEPAEditor(LLMEditor):
             run.record_fault(NAME, EditorError(client.redact(text)[:300]))
         finally:
             seconds = self.budget.end_round()
-            spent = {"calls": self.usage.calls - before[0],
-                     "tokens": self.usage.tokens_used() - before[1],
-                     "cached": self.usage.cached_calls - before[2],
-                     "failed": self.usage.failed_calls - before[3], "seconds": round(seconds, 3),
-                     "step": run.step, "metric_calls": stats.get("metric_calls", 0),
-                     "generations": stats.get("generations", 0)}
-            self.usage.last_round = spent
+            spent = self.spent_since(before, seconds, run.step)
+            spent.update(metric_calls=stats.get("metric_calls", 0), generations=stats.get("generations", 0))
             log.info("NSLoRA GEPA round at step %s: %d reflection calls (%d cached, %d failed), "
                      "%d tokens, %d metric calls (%d generations), %.1f s; %d candidate(s) for the "
                      "gate", spent["step"], spent["calls"], spent["cached"], spent["failed"],

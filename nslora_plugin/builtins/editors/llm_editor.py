@@ -61,6 +61,20 @@ class LLMEditor:
         if state.get("usage"):  # a resumed run keeps counting against the same run budget
             self.usage.load(state["usage"])
 
+    def usage_mark(self) -> tuple[int, int, int, int]:
+        """The usage counters now, so that a round can say what it spent (`spent_since`)."""
+        u = self.usage
+        return (u.calls, u.tokens_used(), u.cached_calls, u.failed_calls)
+
+    def spent_since(self, mark: tuple[int, int, int, int], seconds: float, step: int) -> dict[str, Any]:
+        """What the round that began at `mark` spent; kept as the usage's `last_round`."""
+        u = self.usage
+        spent = {"calls": u.calls - mark[0], "tokens": u.tokens_used() - mark[1],
+                 "cached": u.cached_calls - mark[2], "failed": u.failed_calls - mark[3],
+                 "seconds": round(seconds, 3), "step": step}
+        u.last_round = spent
+        return spent
+
     def round_calls(self, config: NSLoRAConfig) -> int:
         """Calls the smallest round needs (one reflection call unless a subclass says more)."""
         return 1

@@ -166,8 +166,7 @@ class TextGradEditor(LLMEditor):
         client = self.connect(config, run)
         assert self.budget is not None
         tg = import_textgrad(run.path("editor_logs"))  # before the clock starts
-        before = (self.usage.calls, self.usage.tokens_used(), self.usage.cached_calls,
-                  self.usage.failed_calls)
+        before = self.usage_mark()
         self.budget.start_round()
         proposal: EditProposal | None = None
         fault: EditorError | None = None
@@ -182,12 +181,7 @@ class TextGradEditor(LLMEditor):
             run.record_fault(NAME, EditorError(client.redact(text)[:300]))
         finally:
             seconds = self.budget.end_round()
-            spent = {"calls": self.usage.calls - before[0],
-                     "tokens": self.usage.tokens_used() - before[1],
-                     "cached": self.usage.cached_calls - before[2],
-                     "failed": self.usage.failed_calls - before[3], "seconds": round(seconds, 3),
-                     "step": run.step}
-            self.usage.last_round = spent
+            spent = self.spent_since(before, seconds, run.step)
             log.info("NSLoRA editor round at step %s: %d calls (%d cached, %d failed), %d tokens, "
                      "%.1f s; run: %d calls, %d tokens, %.1f s", spent["step"], spent["calls"],
                      spent["cached"], spent["failed"], spent["tokens"], seconds, self.usage.calls,
