@@ -77,7 +77,7 @@ from nslora_plugin.core.run import RunView
 from nslora_plugin.builtins.editors.budget import Budget, Usage, estimate_tokens
 from nslora_plugin.builtins.editors.cache import ReplyCache
 from nslora_plugin.builtins.editors.llm_editor import LLMEditor
-from nslora_plugin.builtins.editors.clients import EditorClient, configuration_problem, make_client
+from nslora_plugin.builtins.editors.clients import EditorClient
 from nslora_plugin.builtins.editors.constraint import constraint_statements, format_hidden
 from nslora_plugin.builtins.editors.errors import (TRANSPORT_FAULTS, EditorBadReply, EditorBudgetSpent,
                                                   EditorError, EditorNoTags, EditorOverlongCandidate,
@@ -447,20 +447,7 @@ class GEPAEditor(LLMEditor):
             import_gepa()
         except ImportError as exc:
             return f"the gepa package is not available ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-        problem = configuration_problem(config)
-        if problem:
-            return problem
-        try:
-            client = self.connect(config, run)
-            client.health()
-        except Exception as exc:
-            what = ("editor model unavailable" if config.editor_backend == "local"
-                    else "editor endpoint unreachable")
-            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            return f"{what} ({self.client.redact(text) if self.client else text})"
-        if run is not None:
-            self._check_run_budget(config, run)
-        return None
+        return self.endpoint_problem(config, run)
 
     # ---------------------------------------------------------------- the hook
     @hookimpl(tryfirst=True)

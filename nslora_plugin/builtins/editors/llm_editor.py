@@ -8,7 +8,7 @@ from typing import Any
 
 from nslora_plugin.builtins.editors.budget import Budget, Usage
 from nslora_plugin.builtins.editors.cache import ReplyCache
-from nslora_plugin.builtins.editors.clients import EditorClient, make_client
+from nslora_plugin.builtins.editors.clients import EditorClient, configuration_problem, make_client
 from nslora_plugin.builtins.editors.errors import EditorBudgetSpent, EditorError
 from nslora_plugin.core.config import NSLoRAConfig
 from nslora_plugin.core.hookspecs import hookimpl
@@ -60,6 +60,24 @@ class LLMEditor:
     def nslora_load_state(self, state: dict[str, Any], run: RunView) -> None:
         if state.get("usage"):  # a resumed run keeps counting against the same run budget
             self.usage.load(state["usage"])
+
+    def endpoint_problem(self, config: NSLoRAConfig, run: RunView | None) -> str | None:
+        """None when the editor's settings are valid, its endpoint (or local model) answers and
+        the run budget (a resumed run's) can still pay for a round; else why not."""
+        problem = configuration_problem(config)
+        if problem:
+            return problem
+        try:
+            client = self.connect(config, run)
+            client.health()
+        except Exception as exc:
+            what = ("editor model unavailable" if config.editor_backend == "local"
+                    else "editor endpoint unreachable")
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            return f"{what} ({self.client.redact(text) if self.client else text})"
+        if run is not None:
+            self._check_run_budget(config, run)
+        return None
 
     def usage_mark(self) -> tuple[int, int, int, int]:
         """The usage counters now, so that a round can say what it spent (`spent_since`)."""

@@ -45,7 +45,7 @@ from nslora_plugin.builtins.editors.errors import (TRANSPORT_FAULTS, EditorBudge
 from nslora_plugin.builtins.editors.cache import ReplyCache
 from nslora_plugin.builtins.editors.llm_editor import LLMEditor
 from nslora_plugin.builtins.editors.constraint import constraint_statements
-from nslora_plugin.builtins.editors.clients import EditorClient, configuration_problem, make_client, make_engine, make_lookup_engine
+from nslora_plugin.builtins.editors.clients import EditorClient, make_engine, make_lookup_engine
 from nslora_plugin.builtins.editors.structured import TAGS, parse_candidate
 from nslora_plugin.builtins.editors.textgrad_env import import_textgrad
 
@@ -134,18 +134,7 @@ class TextGradEditor(LLMEditor):
 
     def startup_problem(self, config: NSLoRAConfig, run: RunView) -> str | None:
         """Health check at the start of a run: None when the editor LLM can be used, else why not."""
-        problem = configuration_problem(config)
-        if problem:
-            return problem
-        try:
-            client = self.connect(config, run)
-            client.health()
-        except Exception as exc:
-            what = "editor model unavailable" if config.editor_backend == "local" else "editor endpoint unreachable"
-            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            return f"{what} ({self.client.redact(text) if self.client else text})"
-        self._check_run_budget(config, run)  # a resumed run may have spent it already
-        return None
+        return self.endpoint_problem(config, run)  # a resumed run may have spent its budget
 
     def calls_per_example(self, config: NSLoRAConfig) -> int:
         return 3 + (2 if config.edit_questions else 0)
