@@ -12,9 +12,8 @@ right answer. Then, with no rule stated, how often replies obey some rule unaske
 warm-up family: a baked-in rule would show here), answer accuracy on arithmetic and look-ups, and
 reference NLL on GSM8K test answers (`--gsm8k`, default ../shared/data/gsm8k/test.jsonl when
 present) and on plain replies. Greedy decoding. Writes the JSON (`--out`) and prints the tables and
-the CPU. With the defaults, 224 replies of up to 128 tokens per model: a batch of 16 costs about
-0.35 CPU-seconds a token for the 135M model (AMD EPYC, measured), so roughly 10 minutes per
-model on one thread, less on 2 quiet cores.
+the CPU. With the defaults, 224 replies of up to 128 tokens per model (measured times:
+recipes/results/student.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ caps, JSON keys, bullets, units) with replies that obey it, plus the same questi
 and a plain reply; merged into the weights and saved as a normal model folder in the model cache,
 under a key of its settings (changed settings build anew; the same ones reuse it). The demo,
 compare and sweep measure *evaluation* rules, which share no marker, wrapper, key or prefix with
-the warm-up's. About 12-15 minutes on 2 CPU cores, once.
+the warm-up's. Built once (times: recipes/results/student.md).
 
   nslora student build            # train and cache (progress bar); --force rebuilds
   nslora student path             # print the folder (exit 1 if not built yet)

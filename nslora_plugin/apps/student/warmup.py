@@ -19,8 +19,8 @@ build a new folder; the same settings find the cached one. A marker file written
 "complete"; builds are serialized across processes by a file lock, and the folder appears
 atomically. The raw model stays where it was (`ensure_default_model()`).
 
-The default budget (`WarmupSettings()`) is sized for at most 15 minutes on 2 CPU cores (fp32,
-`harness.sft.cpu_training_overrides()`); a rich progress bar (plain lines when the output is not a
+The default budget (`WarmupSettings()`) is sized for a laptop-class CPU (fp32,
+`harness.sft.cpu_training_overrides()`; times in recipes/results/student.md); a rich progress bar (plain lines when the output is not a
 terminal) shows steps, loss and ETA.
 """
 
@@ -73,9 +73,8 @@ class WarmupSettings:
 
     Default budget: 160 steps of batch 8 (1,280 rows seen, about one pass over 1,200 rows of 105
     tokens on average, batched by length), LoRA rank 16 on every linear layer, learning rate 6e-4
-    decaying linearly. For the 135M model in fp32 a step of 8 x 112 tokens costs 8.4 CPU-seconds
-    (one thread, AMD EPYC, measured), about 4.5 s on 2 cores: about 12 minutes of training plus a
-    minute of loading, tokenizing and saving.
+    decaying linearly; sized to build once on two CPU cores (measured times:
+    recipes/results/student.md).
     """
 
     rows: int = 1200
