@@ -237,8 +237,8 @@ def cadence(args: argparse.Namespace) -> None:
     from nslora_plugin.apps.harness import sft as training
     from nslora_plugin.trainer.precision import cpu_model_name
     from nslora_plugin.core.artifacts import ArtifactStore
-    from nslora_plugin.apps.harness.demo import (DEMO_SYSTEM_PROMPT, build_demo_trainer, build_parser,
-                                             demo_config, editor_endpoint)
+    from nslora_plugin.apps.harness.demo import DEMO_SYSTEM_PROMPT, build_demo_trainer, build_parser, demo_config
+    from nslora_plugin.apps.harness.endpoint import editor_endpoint
     from nslora_plugin.integrations.trl import attach
     from nslora_plugin.core.loop import NeurosymbolicLoop
     from nslora_plugin.apps.tools.models import ensure_default_model
