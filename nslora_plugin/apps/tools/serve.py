@@ -202,6 +202,10 @@ class EditorServer:
                 self._signal_group(process, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=timeout)
+            # The leader's workers may outlive it by a moment; a stop leaves none of them behind.
+            if not self._group_gone(process, timeout):
+                self._signal_group(process, signal.SIGKILL)
+                self._group_gone(process, timeout)
         handle, self._log_handle = self._log_handle, None
         if handle is not None:
             handle.close()
@@ -288,6 +292,25 @@ class EditorServer:
         except (OSError, ValueError, urllib.error.URLError):
             return False
         return body.get("status") == "ok"
+
+    @staticmethod
+    def _group_gone(process: subprocess.Popen[bytes], timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no process of the child's group is left.
+
+        Reaps the leader on the way: an unreaped child still counts as a group member.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            process.poll()
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     @staticmethod
     def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
