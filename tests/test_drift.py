@@ -111,6 +111,20 @@ def test_splits_hold_no_fact_or_answer_of_the_gate():
     assert not any(get_rule("quick_take_prefix").check(r["answer"]) for r in t.train)
 
 
+def test_the_context_share_states_a_fact_in_every_question_about_it():
+    t = task(context_share=0.5)
+    facts = {(r["entity"], r["attribute"]): r["fact_in_question"] for r in t.train}
+    assert sum(facts.values()) == round(0.5 * len(facts)) == t.meta["facts_in_question"]
+    for r in t.train + t.probe + t.held_out:  # the same facts in every split, only those
+        stated = r["final_answer"] in r["question"] and r["question"].startswith("Note: ")
+        assert stated == facts[(r["entity"], r["attribute"])] == r["fact_in_question"], r
+    assert t.meta["held_out_facts_in_question"] == sum(r["fact_in_question"] for r in t.held_out)
+    assert not any(r["fact_in_question"] for r in task().train + task().held_out)
+    assert task(context_share=0.5).train == t.train  # seeded
+    with pytest.raises(ValueError, match="context_share"):
+        task(context_share=1.5)
+
+
 def test_the_schedule_switches_rows_at_the_onsets():
     t = task()
     rows = scheduled_rows(t.train, max_steps=12, batch_size=3, seed=0)

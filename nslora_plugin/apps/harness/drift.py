@@ -14,6 +14,11 @@ one an evaluation rule (`student.rules.EVAL_RULES`: its instruction phrasings, `
 - **new facts**: `cohorts` = (first, later) numbers of entities; the later cohort's facts join the
   training rows at `facts_onset`.
 
+`context_share` (default 0) states that share of the facts (seeded) in every question about them,
+in every split ("Note: the capital of X is Y."), as the synthetic task's knob does: those rows
+need no memorised fact, so a short run can still score the constraints, which is what the schedule
+arms differ in; the other facts must be learned.
+
 `spec_at(step)` is the constraints active at a step; the final spec is `spec_at(max_steps)`.
 
 Data schedule. Each training row carries the steps it may be trained at (`from_step`,
@@ -89,6 +94,7 @@ class DriftSettings:
     held_out_size: int | None = None
     pool_size: int = 0
     attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+    context_share: float = 0.0
 
     def resolved(self) -> "DriftSettings":
         """The settings with every default onset filled in, checked."""
@@ -106,7 +112,7 @@ class DriftSettings:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if len(self.cohorts) != 2 or self.cohorts[0] < 1 or self.cohorts[1] < 0:
             raise ValueError(f"cohorts must be (first >= 1, later >= 0) entities, got {self.cohorts}")
-        for name in ("forget_dose", "verbose_ratio"):
+        for name in ("forget_dose", "verbose_ratio", "context_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         for name in ("facts_onset", "verbose_onset", "spec_onset"):
@@ -319,6 +325,9 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
     cohort_of = {e["entity"]: 1 if i < n1 else 2 for i, e in enumerate(entities)}
     facts = [(e, a) for e in entities for a in s.attributes]
     probe_t, held_t = s.train_paraphrases, N_PARAPHRASES - 1
+    given = {(facts[i][0]["entity"], facts[i][1])
+             for i in random.Random(f"nslora-drift:{seed}:context").sample(
+                 range(len(facts)), round(s.context_share * len(facts)))}
     fmt = get_rule(s.format_rule)
     cap = get_rule(s.length_rule) if s.length_rule else None
     final = [get_rule(n) for n in (s.format_rule, s.length_rule, s.new_rule) if n]
@@ -329,7 +338,11 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
 
     def base(e: dict[str, str], attr: str, t: int) -> tuple[str, str, str]:
         questions, reply = ATTRIBUTES[attr]
-        return questions[t].format(e=e["entity"]), e[attr], reply.format(e=e["entity"], v=e[attr])
+        sentence = reply.format(e=e["entity"], v=e[attr])
+        question = questions[t].format(e=e["entity"])
+        if (e["entity"], attr) in given:
+            question = f"Note: {sentence} {question}"
+        return question, e[attr], sentence
 
     def reference(e: dict[str, str], attr: str, t: int, split: str) -> dict[str, Any]:
         question, value, sentence = base(e, attr, t)
@@ -341,7 +354,8 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
                              f"({answer!r}) breaks {broken}; choose rules that compose")
         return {"id": row_id, "question": question, "answer": answer, "final_answer": value,
                 "entity": e["entity"], "attribute": attr, "paraphrase": t,
-                "cohort": cohort_of[e["entity"]], "kind_rule": KIND_RULE + " (under the final spec)"}
+                "cohort": cohort_of[e["entity"]], "fact_in_question": (e["entity"], attr) in given,
+                "kind_rule": KIND_RULE + " (under the final spec)"}
 
     starts = task.phase_starts()
     for p, start in enumerate(starts):
@@ -366,6 +380,7 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
             task.train.append({"id": row_id, "question": question, "answer": answer,
                                "final_answer": value, "entity": e["entity"], "attribute": a,
                                "paraphrase": t, "cohort": cohort_of[e["entity"]], "phase": p,
+                               "fact_in_question": (e["entity"], a) in given,
                                "from_step": start, "until_step": until,
                                "has_format": i not in forgot, "verbose": wordy})
 
@@ -395,6 +410,8 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
                     "cohorts": sorted({r["cohort"] for r in task.train if r["phase"] == p})}
                    for p, start in enumerate(starts)],
         "held_out_cohorts": {str(c): sum(r["cohort"] == c for r in task.held_out) for c in (1, 2)},
+        "facts_in_question": len(given),
+        "held_out_facts_in_question": sum(r["fact_in_question"] for r in task.held_out),
         "scoring": "held-out rows under the final spec: fact right and every final constraint met",
         "references": "probe, pool and held-out references are written under the final spec",
     }
@@ -511,6 +528,9 @@ def add_drift_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drift-new-rule", default="quick_take_prefix",
                    help="evaluation rule that enters at the spec onset, or 'none' "
                         "(default quick_take_prefix)")
+    g.add_argument("--drift-context-share", type=float, default=0.0,
+                   help="share of facts stated in every question about them, in every split: those "
+                        "rows need no memorised fact (default 0)")
     g.add_argument("--drift-sweep", choices=("forget_dose", "verbose_ratio"), default="forget_dose",
                    help="nslora sweep --task drift: the knob --mix sets (default forget_dose)")
 
@@ -541,7 +561,8 @@ def settings_from_args(args: argparse.Namespace) -> DriftSettings:
         length_rule=_none(getattr(args, "drift_length_rule", "sixty_chars")),
         new_rule=_none(getattr(args, "drift_new_rule", "quick_take_prefix")),
         train_paraphrases=args.train_paraphrases, probe_size=args.probe_size,
-        held_out_size=args.held_out_size, pool_size=args.pool_size)
+        held_out_size=args.held_out_size, pool_size=args.pool_size,
+        context_share=getattr(args, "drift_context_share", 0.0))
 
 
 def load_drift_task(args: argparse.Namespace, seed: int) -> DriftTask:
