@@ -389,3 +389,40 @@ def test_sweep_over_the_forgetting_dose(tiny_model_dir, tmp_path):
         assert (out / f"mix-{dose:g}" / "compare-compliance.png").is_file()
     assert "forget_dose 0" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _decision_result(acc: dict[str, list[list[int]]], rounds: dict[str, int]) -> dict:
+    """A compare result over 2 task instances x 1 seed: `acc[arm][instance]` is its item passes."""
+    runs: dict = {}
+    for arm, per_task in acc.items():
+        for ts, items in enumerate(per_task):
+            runs.setdefault(str(ts), {}).setdefault("0", {})[arm] = {
+                "held_out_passed": {f"h{i}": v for i, v in enumerate(items)}}
+    arms = {arm: {"held_out": {"accuracy": sum(map(sum, per)) / sum(map(len, per))},
+                  "editor_rounds_per_run": [rounds.get(arm, 0)] * len(per),
+                  "router": {"label_rule_agreement": None}}
+            for arm, per in acc.items()}
+    return {"task": {"name": "drift"}, "runs": runs, "arms": arms}
+
+
+def test_the_decision_rule_compares_with_the_best_practical_schedule():
+    from nslora_plugin.apps.harness.compare import verdict
+
+    ones, zeros, half = [1] * 12, [0] * 12, [1, 0] * 6
+    result = _decision_result(
+        {"neurosymbolic": [ones, ones], "fixed@0": [half, half], "alternate": [zeros, zeros],
+         "oracle-onset": [ones, ones], "lora": [zeros, zeros]},
+        {"neurosymbolic": 2, "fixed@0": 1, "alternate": 2, "oracle-onset": 2})
+    d = verdict(result, n_boot=300)["drift_decision"]
+    assert d["best_schedule_arm"] == "fixed@0" and d["comparators"] == ["fixed@0", "alternate"]
+    assert d["margin"]["points"] == 50.0 and d["margin"]["interval95_points"][0] > 0
+    assert d["wins"] and not d["target_met"]  # more editor rounds than fixed@0
+    assert d["beside"]["oracle-onset"]["points"] == 0.0 and "lora" in d["beside"]
+    # a tie with the best schedule does not win, whatever the other arms do
+    tie = _decision_result({"neurosymbolic": [half, ones], "fixed@0": [ones, half],
+                            "alternate": [zeros, zeros]}, {"neurosymbolic": 1, "fixed@0": 1})
+    d = verdict(tie, n_boot=300)["drift_decision"]
+    assert d["margin"]["points"] == 0.0 and not d["wins"] and not d["target_met"]
+    # no practical schedule arm: no decision
+    assert "drift_decision" not in verdict(_decision_result(
+        {"neurosymbolic": [ones, ones], "oracle-onset": [ones, ones]}, {}), n_boot=100)

@@ -97,7 +97,8 @@ from nslora_plugin.apps.harness.bootstrap import Interval, hierarchical_bootstra
 from nslora_plugin.apps.harness.tasks import Task, check_no_answer_in_prompt, load_task
 from nslora_plugin.apps.harness.drift import add_drift_arguments, load_drift_task
 from nslora_plugin.apps.harness.schedules import (DRIFT_ARMS, check_drift_arms, drift_arm,
-                                                  final_instruction_rows, report_drift)
+                                                  final_instruction_rows, report_drift,
+                                                  schedule_decision)
 
 DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
 ARMS = (*DEFAULT_ARMS, "neurosymbolic_strict", "lora", "lora_upsampled", "lora_instruction",
@@ -1078,6 +1079,10 @@ def verdict(result: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
         if study:
             out["router_vs_interventions"] = {k: study.get(k) for k in (
                 "label_accuracy_vs_interventions", "single_update_failures", "failures", "k_steps")}
+    if result.get("task", {}).get("name") == "drift":
+        decision = schedule_decision(result, lambda x, y: _margin(result, x, y, n_boot))
+        if decision is not None:
+            out["drift_decision"] = decision
     if "neurosymbolic" in values and "neurosymbolic_strict" in values:
         out["tie_break_effect"] = {**_margin(result, "neurosymbolic", "neurosymbolic_strict", n_boot),
                                    "accepted_on_tie_break": (arms["neurosymbolic"].get("gate") or {})

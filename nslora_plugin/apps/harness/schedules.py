@@ -41,11 +41,16 @@ from nslora_plugin.core.config import NSLoRAConfig
 from nslora_plugin.core.hookspecs import hookimpl
 from nslora_plugin.core.records import EditorStatus, EditProposal, ProbeReport, RouteDecision
 
-__all__ = ["DRIFT_ARMS", "SCHEDULE_ARMS", "SCRIPTED", "DriftArm", "ScheduleRoute", "ScriptedEditor",
+__all__ = ["DRIFT_ARMS", "PRACTICAL_SCHEDULES", "SCHEDULE_ARMS", "schedule_decision", "SCRIPTED", "DriftArm", "ScheduleRoute", "ScriptedEditor",
            "check_drift_arms", "check_steps", "drift_arm", "final_instruction_rows",
            "planned_checks", "report_drift"]
 
 SCHEDULE_ARMS = ("fixed@0", "fixed-even", "alternate", "random-timing", "oracle-onset")
+#: the schedules a user could run without knowing when weaknesses appear: the comparators of the
+#: drift decision rule (`schedule_decision`); the oracle is an upper bound, reported beside them
+PRACTICAL_SCHEDULES = ("fixed@0", "fixed-even", "alternate", "random-timing")
+#: the drift task's pre-registered target: margin in points over the best practical schedule
+TARGET_POINTS = 3.0
 #: arms that exist for `--task drift` only
 DRIFT_ARMS = (*SCHEDULE_ARMS, "lora_instruction_final")
 SCRIPTED = "scripted"
@@ -260,6 +265,42 @@ def check_drift_arms(arms: Sequence[str], args: argparse.Namespace) -> None:
         raise SystemExit("--task drift: --hide-format-rule hides what the scripted editor states")
 
 
+# ------------------------------------------------------------------ the decision rule
+def schedule_decision(result: dict[str, Any], margin: Any) -> dict[str, Any] | None:
+    """The drift task's decision rule: neurosymbolic against the best practical schedule arm
+    (highest held-out accuracy; among tied arms, the one against which neurosymbolic's paired
+    interval is lowest). It wins only if the interval of its margin lies above 0; the target
+    also asks for >= `TARGET_POINTS` points at the same or fewer editor rounds. `margin(a, b)` is
+    compare's paired hierarchical-bootstrap margin. None without neurosymbolic or a schedule arm."""
+    arms = result.get("arms", {})
+    schedules = [a for a in PRACTICAL_SCHEDULES if a in arms]
+    if "neurosymbolic" not in arms or not schedules:
+        return None
+    acc = {a: arms[a]["held_out"]["accuracy"] for a in schedules}
+    top = max(acc.values())
+    margins = {a: margin("neurosymbolic", a) for a in schedules if abs(acc[a] - top) < 1e-9}
+    best = min(margins, key=lambda a: (margins[a]["interval95_points"][0], schedules.index(a)))
+    m = margins[best]
+
+    def rounds(arm: str) -> float:
+        runs = arms[arm].get("editor_rounds_per_run") or [0]
+        return round(sum(runs) / len(runs), 3)
+
+    wins = m["interval95_points"][0] > 0
+    out = {"rule": "neurosymbolic wins only if the 95 % hierarchical-bootstrap interval of its "
+                   "held-out accuracy margin over the best practical schedule arm lies above 0",
+           "comparators": schedules, "best_schedule_arm": best, "margin": m,
+           "editor_rounds_mean": {"neurosymbolic": rounds("neurosymbolic"), best: rounds(best)},
+           "wins": wins,
+           "target_met": bool(wins and m["points"] >= TARGET_POINTS
+                              and rounds("neurosymbolic") <= rounds(best)),
+           "target": f">= {TARGET_POINTS:g} points, interval above 0, same or fewer editor rounds"}
+    for other in ("oracle-onset", "lora_instruction_final", "lora"):
+        if other in arms:
+            out.setdefault("beside", {})[other] = margin("neurosymbolic", other)
+    return out
+
+
 # ------------------------------------------------------------------ output
 def drift_lines(result: dict[str, Any]) -> list[str]:
     """Per arm: the editor rounds against R, where they ran, held-out compliance per constraint."""
@@ -269,6 +310,14 @@ def drift_lines(result: dict[str, Any]) -> list[str]:
              f"budget R={budget} symbolic rounds per arm; every NSLoRA arm checks at step 0; final spec "
              + ", ".join(result.get("task", {}).get("final_spec", [])) + "; onsets "
              + ", ".join(f"{o['mechanism']}@{o['step']}" for o in result.get("task", {}).get("onsets", []))]
+    decision = (result.get("verdict") or {}).get("drift_decision")
+    if decision:
+        m = decision["margin"]
+        lines.append(f"decision rule: neurosymbolic - {decision['best_schedule_arm']} (best practical "
+                     f"schedule) {m['points']:+.1f} points [{m['interval95_points'][0]:+.1f}, "
+                     f"{m['interval95_points'][1]:+.1f}] ({m['levels']}): "
+                     + ("wins" if decision["wins"] else "does not win")
+                     + ("; target met" if decision["target_met"] else "; target not met"))
     per_arm: dict[str, list[dict[str, Any]]] = {}
     for by_seed in (result.get("runs") or {}).values():
         for arms in by_seed.values():
