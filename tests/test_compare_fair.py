@@ -216,3 +216,26 @@ def test_the_branches_leave_the_run_as_it_was(tiny_model_dir, tmp_path):
         result = json.loads((out / "compare.json").read_text())["arms"]["neurosymbolic"]
         logs[steps] = (losses, decisions, result["held_out_passed"], result["system_prompt"])
     assert logs["2"] == logs["0"] and logs["2"][0]
+
+
+def test_the_aggregate_mix_describes_a_run_that_mixed_the_pool_in():
+    # seed 0 accepted no edit (no pool), seed 1 did from step 8: the table must not say "none"
+    from nslora_plugin.apps.harness.compare import _mix_cell, aggregate_runs
+
+    def run(mix: dict) -> dict:
+        held = {"accuracy": 0.5, "fact_accuracy": 0.5, "format_compliance": 0.5, "reward": 0.5, "n": 4}
+        return {"held_out": held, "probe_after": None, "mix": mix, "edits_proposed": 1,
+                "edits_accepted": int(bool(mix["pool_share"])), "editor_calls": 0, "editor_tokens": 0,
+                "router": {"label_rule_agreement": None, "failures": 0}, "wall_seconds": 1.0}
+
+    how = "prompts as data: pool rows replace augment_share of every batch from the first accepted edit"
+    never = {"how": how + " (no edit was accepted: the pool was never mixed in)", "pool_share": 0.0,
+             "from_step": None}
+    later = {"how": how, "pool_share": 0.25, "from_step": 8}
+    mix = aggregate_runs({"0": {"0": {"neurosymbolic": run(never)},
+                                "1": {"neurosymbolic": run(later)}}})["neurosymbolic"]["mix"]
+    assert mix["pool_share"] == 0.25 and mix["runs_with_pool"] == 1
+    assert mix["from_step_per_run"] == [None, 8] and "1 of 2 runs accepted no edit" in mix["how"]
+    assert _mix_cell({"mix": mix}) == "25 % from step –/8"
+    none = aggregate_runs({"0": {"0": {"neurosymbolic": run(never)}}})["neurosymbolic"]["mix"]
+    assert none["runs_with_pool"] == 0 and _mix_cell({"mix": none}) == "none"

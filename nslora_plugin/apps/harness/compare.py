@@ -917,7 +917,13 @@ def aggregate_runs(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
                       if r["router"]["label_rule_agreement"] is not None]
         measured = [r["mix"].get("pool_share_measured") for r in done
                     if r.get("mix", {}).get("pool_share_measured") is not None]
-        mix = dict(done[0].get("mix") or {})
+        # runs differ in whether an edit was accepted: describe the mix of one that mixed the pool in
+        mixed = [r for r in done if (r.get("mix") or {}).get("pool_share")]
+        mix = dict((mixed[0] if mixed else done[0]).get("mix") or {})
+        if mixed and len(mixed) < len(done):
+            mix["how"] = mix.get("how", "") + (f" ({len(done) - len(mixed)} of {len(done)} runs "
+                                               "accepted no edit: the pool was never mixed in there)")
+        mix["runs_with_pool"] = len(mixed)
         mix.pop("pool_share_measured", None)
         mix.pop("examples_collated", None)
         steps = [r.get("mix", {}).get("from_step") for r in done]
