@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from nslora_plugin.apps.harness.tasks import (ATTRIBUTES, FACTS_SYSTEM_PROMPT, KIND_RULE, N_PARAPHRASES,
-                                              Kind, Task, fact_present, make_entities)
+                                              Kind, Task, fact_present, fact_stated,
+                                              make_entities)
 from nslora_plugin.apps.student.rules import EVAL, FormatRule, Plain, get_rule
 from nslora_plugin.core.answers import answers_match, extract_final_answer, phrase_in_text
 from nslora_plugin.core.hookspecs import hookimpl
@@ -341,7 +342,7 @@ def make_drift_task(settings: DriftSettings | None = None, *, seed: int = 0) -> 
         sentence = reply.format(e=e["entity"], v=e[attr])
         question = questions[t].format(e=e["entity"])
         if (e["entity"], attr) in given:
-            question = f"Note: {sentence} {question}"
+            question = fact_stated(sentence, question)
         return question, e[attr], sentence
 
     def reference(e: dict[str, str], attr: str, t: int, split: str) -> dict[str, Any]:

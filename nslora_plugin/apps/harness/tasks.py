@@ -59,6 +59,7 @@ __all__ = [
     "Task",
     "answer_leaks",
     "check_no_answer_in_prompt",
+    "fact_stated",
     "failure_kind",
     "load_jsonl_task",
     "load_task",
@@ -281,6 +282,12 @@ ATTRIBUTES: dict[str, tuple[list[str], str]] = {
 N_PARAPHRASES = 4
 
 
+def fact_stated(sentence: str, question: str) -> str:
+    """`question` with its fact stated before it (the tasks' `context_share`): the answer can be
+    read, so only the format is left to learn."""
+    return f"Note: {sentence} {question}"
+
+
 def make_entities(n: int, seed: int = 0) -> list[dict[str, str]]:
     """`n` fictional countries with their facts (all names distinct, none inside another)."""
     rng = random.Random(seed)
@@ -335,7 +342,7 @@ def make_facts_task(n_entities: int = 12, *, seed: int = 0, train_paraphrases: i
         question = questions[t].format(e=e["entity"])
         in_context = (e["entity"], attr) in given_facts
         if in_context:
-            question = f"Note: {reply.format(e=e['entity'], v=value)} {question}"
+            question = fact_stated(reply.format(e=e["entity"], v=value), question)
         if with_final:
             text += f"\nFinal: {value}"
         out = {"id": f"{split}-{e['entity'].lower()}-{attr}-p{t}",

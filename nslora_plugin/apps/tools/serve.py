@@ -195,14 +195,8 @@ class EditorServer:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         if process is not None:
+            # A stop leaves no member of the group behind (the leader reaped, any worker gone).
             self._signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=timeout)
-            # The leader's workers may outlive it by a moment; a stop leaves none of them behind.
             if not self._group_gone(process, timeout):
                 self._signal_group(process, signal.SIGKILL)
                 self._group_gone(process, timeout)
