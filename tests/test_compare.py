@@ -153,6 +153,10 @@ def test_verdict_pools_the_labels_of_every_arm():
     assert v["winner"] == "neurosymbolic" and not any("target" in k or k.endswith("_met") for k in v)
     tie = verdict({"arms": {"fixed": arm(0.5, {}), "neurosymbolic": arm(0.5, {})}})
     assert tie["winner"] is None and tie["tied"] == ["fixed", "neurosymbolic"]
+    from nslora_plugin.apps.harness.tables import verdict_lines
+    words = {k: tie[k] for k in ("winner", "tied", "winner_accuracy")}
+    assert verdict_lines({"verdict": words})[0].startswith(
+        "highest held-out accuracy: a tie between fixed, neurosymbolic (0.500)")
     assert v["router_failures_all_arms"] == 14 and v["router_symbolic_failures_all_arms"] == 4
     assert v["router_label_rule_agreement_all_arms"] == pytest.approx(11 / 14, abs=1e-4)
 

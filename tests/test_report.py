@@ -342,7 +342,13 @@ def test_compare_page_puts_the_arms_side_by_side(tmp_path, capsys):
         assert_png_with_pixels(p)
     for arm, a in result["arms"].items():
         assert arm in page.text and f"{a['held_out']['accuracy']:.3f}" in page.text
-    assert "a tie between fixed, neurosymbolic" in page.text
+    # the verdict's first line names what the committed results say: the winner or the tied arms
+    verdict = result["verdict"]
+    top = (f"highest held-out accuracy: {verdict['winner']} ({verdict['winner_accuracy']:.3f})"
+           if verdict.get("winner") else
+           f"highest held-out accuracy: a tie between {', '.join(verdict['tied'])}")
+    assert top in page.text
+    assert f"{verdict['margin_points']:+.1f} points" in page.text
     # the CLI renders a committed results file the same way
     copy = tmp_path / "evidence.json"
     shutil.copy(EVIDENCE, copy)
