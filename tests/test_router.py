@@ -53,15 +53,15 @@ def test_answer_presence_is_measured_on_the_reply() -> None:
     assert exact_match(" Paris\n", "paris") and not exact_match("Paris, France", "Paris")
 
 
-def _route(labels_from, accepted_edits: int):
+def _route(labels_from, accepted_edits: int, host=None, cfg=None):
     from nslora_plugin.builtins.router import PriorRouter
     from nslora_plugin.core.records import TrainingSignal
 
-    cfg = NSLoRAConfig(editor="constraint")
+    cfg = cfg or NSLoRAConfig(editor="constraint")
     report = ProbeReport(5, 0, labels_from)
     router = PriorRouter()
     labels = [router.nslora_classify_failure(r, None, cfg, None) for r in report.results]
-    host = RouterHost(cfg)
+    host = host or RouterHost(cfg)
     host.router_state["accepted_edits"] = accepted_edits
     host.editor = EditorAvailability(available=True, llm_ready=False)
     signal = TrainingSignal(step=5, loss=1.0, c1=-0.5, c2=3.0, loss_flat=False, grad_small=False)
@@ -75,8 +75,24 @@ def test_a_constraint_no_prompt_states_yet_gets_one_symbolic_round() -> None:
     first = _route(mixed, accepted_edits=0)
     assert all(lab.label == "numerical" for lab in first.labels)
     assert first.action == "symbolic" and "does not state yet" in first.reason
+    assert first.scores["labels_overridden"] == 4 and "overrides 4/4 labels" in first.reason
     # ... and once an edit is in place, the same failures go to the weights
     assert _route(mixed, accepted_edits=1).action == "numerical"
+
+
+def test_the_unstated_constraint_rule_overrides_the_labels_once_per_run() -> None:
+    mixed = [result(str(i), 0, 0, 1.5, present=0.0) for i in range(4)]
+    host = RouterHost(NSLoRAConfig(editor="constraint"))
+    assert _route(mixed, accepted_edits=0, host=host).action == "symbolic"
+    # the edit was rejected (no accepted edit): the rule does not fire again, the labels decide
+    again = _route(mixed, accepted_edits=0, host=host)
+    assert again.action == "numerical" and "labels_overridden" not in again.scores
+    # switched off, the router follows the labels from the start
+    off = NSLoRAConfig(editor="constraint", unstated_constraint_round=False)
+    assert _route(mixed, accepted_edits=0, cfg=off).action == "numerical"
+    # labels that say "symbolic" still route to the prompt, whatever the switch
+    style = [result(str(i), 0, 0, 1.5, present=1.0) for i in range(4)]
+    assert _route(style, accepted_edits=0, cfg=off).action == "symbolic"
 
 
 class RouterHost:

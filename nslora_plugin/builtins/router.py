@@ -24,9 +24,11 @@ weight is small because `answer_missing` measures content directly; NLL is only 
 
 1. nothing failing → numerical;   2. symbolic budget spent or cooling down → numerical;
 3. share of "symbolic" failures ≥ style_share_threshold → symbolic;
-4. no prompt edit accepted yet and at least style_share_threshold of the failures break a
-   constraint (even if their content is wrong too) → symbolic: the prompt has not stated the
-   constraint yet, one round tries it and the gate keeps it only if reward does not drop;
+4. no prompt edit accepted yet, this rule not used yet in the run (`unstated_constraint_round`),
+   and at least style_share_threshold of the failures break a constraint (even if their content
+   is wrong too) → symbolic: the prompt has not stated the constraint yet, one round tries it and
+   the gate keeps it only if reward does not drop. It overrides the labels, at most once per run,
+   and the decision says how many it overrides (`labels_overridden`);
 5. numerical training saturated (|C1| small and C2 small for `saturation_patience` checks) and
    something still fails → symbolic;   6. otherwise → numerical.
 After `stall_patience` symbolic rounds in a row without an accepted gain, the router cools down
@@ -129,10 +131,17 @@ class PriorRouter:
                           f"problems (share {style_share:.2f} >= {config.style_share_threshold})")
         broken = [r for r in report.failures  # read from the rewards, whatever the classifier
                   if min((r.rewards.get(c, 1.0) for c in CONSTRAINT_COMPONENTS), default=1.0) < 1.0]
-        if not state.get("accepted_edits", 0) and len(broken) / n_fail >= config.style_share_threshold:
+        if (config.unstated_constraint_round and not state.get("accepted_edits", 0)
+                and not state.get("unstated_constraint_rounds", 0)
+                and len(broken) / n_fail >= config.style_share_threshold):
+            state["unstated_constraint_rounds"] = 1
+            overridden = n_fail - len(symbolic)
+            scores["labels_overridden"] = float(overridden)
             return decide("symbolic", f"{len(broken)}/{n_fail} failures break a constraint the "
-                          "prompt does not state yet (their content needs the weights too); "
-                          "one prompt edit states it and the gate keeps it only if reward holds")
+                          "prompt does not state yet; this overrides "
+                          f"{overridden}/{n_fail} labels that say the content needs the weights, "
+                          "once per run: one prompt edit states it and the gate keeps it only if "
+                          "reward holds")
         if state["flat_checks"] >= config.saturation_patience:
             return decide("symbolic", f"numerical training saturated (C1={_fmt(signal.c1)}, "
                           f"C2={_fmt(signal.c2)} for {state['flat_checks']} checks) with "

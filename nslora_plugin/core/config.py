@@ -115,6 +115,11 @@ class NSLoRAConfig:
         check="positive")
     cooldown_checks: int = _opt(2, "router", "Checks that stay numerical after a stall.",
                                 check="non_negative")
+    unstated_constraint_round: bool = _opt(
+        True, "router", "Allow one symbolic round per run, before any edit is accepted, when at "
+        "least style_share_threshold of the failures break a constraint, even where the labels "
+        "say the content needs the weights (the decision records how many labels it overrides). "
+        "False: the router follows the labels only.")
 
     # probe
     probe_path: Optional[str] = _opt(
