@@ -12,6 +12,8 @@ Arms on the same model, data, probe (gate) set and held-out set (the default is 
 - **neurosymbolic**: the loop as configured (the router decides at each check);
 - **neurosymbolic_strict**: neurosymbolic with `gate_tie_break: reject` — an edit is kept only on
   a reward gain, never on the tie-break (does accepting ties help held-out accuracy?);
+- **neurosymbolic_labels**: neurosymbolic with `unstated_constraint_round: false` — the router
+  follows its failure labels only, never the one-time "constraint not stated yet" override;
 - **lora**: plain LoRA (no NSLoRA) for `--max-steps` on every labelled row the neurosymbolic arm
   may train on: the training rows plus the pool (`--pool-size`) under the original prompt, the
   pool as ordinary rows of the training set (its share of a batch: pool / (train + pool));
@@ -101,7 +103,7 @@ from nslora_plugin.apps.harness.schedules import (DRIFT_ARMS, check_drift_arms, 
                                                   schedule_decision)
 
 DEFAULT_ARMS = ("numerical", "symbolic", "neurosymbolic")
-ARMS = (*DEFAULT_ARMS, "neurosymbolic_strict", "lora", "lora_upsampled", "lora_instruction",
+ARMS = (*DEFAULT_ARMS, "neurosymbolic_strict", "neurosymbolic_labels", "lora", "lora_upsampled", "lora_instruction",
         "lora_instruction_upsampled", "lora_instruction_all", "fixed", "neurosymbolic_questions",
         *DRIFT_ARMS)
 PLAIN_LORA_ARMS = ("lora", "lora_upsampled", "lora_instruction", "lora_instruction_upsampled",
@@ -696,6 +698,8 @@ def run_arm(arm: str, args: argparse.Namespace, task: Task, config: NSLoRAConfig
         cfg = cfg.replace(edit_questions=True)
     if arm == "neurosymbolic_strict":  # an edit is kept on a reward gain only
         cfg = cfg.replace(gate_tie_break="reject")
+    if arm == "neurosymbolic_labels":  # the router follows its labels only
+        cfg = cfg.replace(unstated_constraint_round=False)
     drift = drift_arm(arm, task, cfg, args.max_steps)  # a drift task: schedule, editor, rewards
     if drift is not None and arm not in PLAIN_LORA_ARMS:
         cfg = drift.configure(cfg, plugins)
