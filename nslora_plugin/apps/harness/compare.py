@@ -196,6 +196,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "nor the reward's regex: only the failing examples and references (the "
                         "constraint editor is unavailable; the lora_instruction arms, a user's "
                         "manual fix, still write the task's instruction by hand)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: merge compare results files of the same experiment that "
+                        "ran different arms (same model, task seeds, seeds and settings) into one, "
+                        "with every interval and the verdict recomputed; written to --json")
     add_drift_arguments(p)
     return p
 
@@ -445,6 +449,8 @@ def _task_summary(task: Task) -> dict[str, Any]:
 
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "merge", None):
+        return _merge(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
 
@@ -556,6 +562,30 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     path = _write(result, args, output_dir)
     print_table(console, result)
     report_drift(console, result, path)
+    console.print(f"results: {path}")
+    try:
+        from nslora_plugin.apps.report import compare_report
+
+        console.print(f"report: {compare_report(result, path.with_suffix('.html'))}")
+    except Exception as exc:  # the results JSON is written; a page that fails must not lose them
+        console.print(f"report: not written ({type(exc).__name__}: {exc})")
+    return result
+
+
+def _merge(args: argparse.Namespace) -> dict[str, Any]:
+    """`--merge`: one results file from several (`merge.py`), its table and its page."""
+    from rich.console import Console
+
+    from nslora_plugin.apps.harness.merge import MergeError, merge_files
+
+    console = Console()
+    try:
+        result = merge_files(args.merge)
+    except MergeError as exc:
+        raise SystemExit(f"nslora compare --merge: {exc}") from None
+    result["command"] += "\n" + _command()
+    path = _write(result, args, Path(args.output_dir))
+    print_table(console, result)
     console.print(f"results: {path}")
     try:
         from nslora_plugin.apps.report import compare_report
