@@ -91,3 +91,40 @@ def test_the_cli_names_the_problem(tmp_path, evidence):
     good.write_text(json.dumps(evidence))
     with pytest.raises(SystemExit, match=r"bad\.json: no 'runs'"):
         main(["compare", "--merge", str(good), str(bad), "--output-dir", str(tmp_path)])
+
+
+def test_a_sweep_from_compare_results_one_per_context_share(evidence, tmp_path, capsys):
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(evidence))
+    other = copy.deepcopy(evidence)  # stands for a run at another context share
+    other["task"]["context_share"] = 1.0
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(_only(other, {"fixed", "neurosymbolic"})))
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", "--from-results", str(full), str(half), "--arms", "fixed,neurosymbolic",
+                 "--json", str(out), "--output-dir", str(tmp_path)]) == 0
+    sweep = json.loads(out.read_text())
+    assert sweep["mixes"] == [0.5, 1.0] and sweep["arms"] == ["fixed", "neurosymbolic"]
+    point = sweep["points"][0]
+    assert set(point["arms"]) == {"fixed", "neurosymbolic"} and point["result"]["source"] == "half.json"
+    for arm in ("fixed", "neurosymbolic"):
+        assert point["arms"][arm]["accuracy"] == pytest.approx(
+            evidence["arms"][arm]["held_out"]["accuracy"], abs=1e-4)
+    # the verdict is recomputed over the swept arms only
+    assert point["verdict"]["best_other_arm"] == "fixed" and "lora" not in point["verdict"].get("margins", {})
+    table = out.with_suffix(".md").read_text()
+    assert "| facts/style 50/50 | facts/style 0/100 |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert len(sweep["command"].splitlines()) == 3
+
+    with pytest.raises(SystemExit, match=r"full\.json: no arm lora"):
+        main(["sweep", "--from-results", str(half), str(full), "--arms", "lora,fixed",
+              "--json", str(out), "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"a second file for context share 0\.5"):
+        main(["sweep", "--from-results", str(half), str(half), "--arms", "fixed",
+              "--json", str(out), "--output-dir", str(tmp_path)])
+    other["settings"]["max_steps"] = 60
+    full.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"settings\.max_steps differs from half\.json"):
+        main(["sweep", "--from-results", str(half), str(full), "--arms", "fixed",
+              "--json", str(out), "--output-dir", str(tmp_path)])

@@ -33,7 +33,7 @@ def _read(path: Path) -> dict[str, Any]:
     return result
 
 
-def _comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(settings)
     for outer, inner in _FREE_SETTINGS:
         if isinstance(out.get(outer), dict):
@@ -41,12 +41,12 @@ def _comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _first_difference(a: Any, b: Any, where: str) -> str | None:
+def first_difference(a: Any, b: Any, where: str) -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 return f"{where}.{key}" if where else str(key)
-            found = _first_difference(a[key], b[key], f"{where}.{key}" if where else str(key))
+            found = first_difference(a[key], b[key], f"{where}.{key}" if where else str(key))
             if found:
                 return found
         return None
@@ -58,12 +58,12 @@ def _check_same_experiment(first: dict[str, Any], other: dict[str, Any], name: s
         if first.get(key) != other.get(key):
             raise MergeError(f"{name}: {key} {other.get(key)!r} differs from {name0}'s "
                              f"{first.get(key)!r}; merge only runs of the same experiment")
-    where = _first_difference(first.get("task_instances"), other.get("task_instances"), "task_instances")
+    where = first_difference(first.get("task_instances"), other.get("task_instances"), "task_instances")
     if where:
         raise MergeError(f"{name}: {where} differs from {name0} (other task instances or splits); "
                          "rerun with the same --task, --task-seeds and split sizes")
-    where = _first_difference(_comparable_settings(first.get("settings") or {}),
-                              _comparable_settings(other.get("settings") or {}), "settings")
+    where = first_difference(comparable_settings(first.get("settings") or {}),
+                              comparable_settings(other.get("settings") or {}), "settings")
     if where:
         raise MergeError(f"{name}: {where} differs from {name0}; rerun the missing arms with the "
                          "same settings (the results' `command` lists them)")

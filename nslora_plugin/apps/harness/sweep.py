@@ -9,6 +9,10 @@ n of each level) and a plot: held-out accuracy against the mix, one line per arm
 interval. The highest arm at each mix is named only where its interval against the runner-up
 excludes 0; otherwise the point is a tie.
 
+`--from-results A.json B.json` trains nothing: it builds the sweep from `nslora compare` results of
+the synthetic task already run with the same settings, one per context share (to add a point
+without rerunning the others); `--arms` picks the arms, which every file must have.
+
 With `--task drift` the mix is the drift knob `--drift-sweep` names (the forgetting dose or the
 verbosity ratio, both shares of training replies); every point also writes its compliance plot.
 """
@@ -34,6 +38,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="comma-separated style shares (facts stated in the question), from 0 (every "
                         "fact must be learned) to 1 (only the format must be learned)")
     p.add_argument("--plot", default=None, help="where to write the plot (default: <json>.png)")
+    p.add_argument("--from-results", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: build the sweep from `nslora compare` results files of the "
+                        "synthetic task, one per point (its context share), run with the same "
+                        "settings; --arms picks the arms every file must have")
     p.set_defaults(arms="lora,fixed,neurosymbolic")
     return p
 
@@ -54,32 +62,93 @@ def arm_interval(result: dict[str, Any], arm: str, n_boot: int) -> Interval:
     return _arm_interval(result, arm, n_boot)
 
 
+def sweep_point(result: dict[str, Any], mix: float, knob: str, n_boot: int) -> dict[str, Any]:
+    """One point of the sweep: each arm's accuracy with its hierarchical interval, the verdict
+    and the full compare result."""
+    summary = {}
+    for arm, a in result["arms"].items():
+        iv = arm_interval(result, arm, n_boot)
+        summary[arm] = {"accuracy": round(iv.point, 4), "accuracy_sd": a["held_out"].get("accuracy_sd", 0.0),
+                        "interval95": [round(iv.low, 4), round(iv.high, 4)],
+                        "levels": iv.levels,
+                        "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]]),
+                        "per_run": a["held_out"].get("accuracy_per_run")}
+    return {"style_share": mix, "knob": knob, "arms": summary, "verdict": result.get("verdict"),
+            "result": result}
+
+
+def points_from_results(paths: Sequence[str | Path], arms: Sequence[str],
+                        n_boot: int) -> list[dict[str, Any]]:
+    """`--from-results`: sweep points from compare results files of the synthetic task, one per
+    context share, run with the same settings; each keeps only `arms` (which every file must
+    have), with the verdict recomputed over them."""
+    from nslora_plugin.apps.harness.compare import _arms_of, attach_intervals, verdict
+    # the same notion of "the same settings" as `compare --merge`
+    from nslora_plugin.apps.harness.merge import comparable_settings, first_difference
+
+    points: dict[float, dict[str, Any]] = {}
+    first: tuple[str, dict[str, Any]] | None = None
+    for path in map(Path, paths):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"--from-results {path}: not a readable compare JSON ({exc})") from None
+        task = result.get("task") or {}
+        if task.get("name") != "synthetic" or "context_share" not in task:
+            raise SystemExit(f"--from-results {path}: not a compare result of the synthetic task "
+                             "(its context share is the sweep's knob)")
+        missing = [a for a in arms if a not in result.get("arms", {})]
+        if missing:
+            raise SystemExit(f"--from-results {path}: no arm {', '.join(missing)} (it has "
+                             f"{', '.join(result.get('arms', {}))}); pick arms every file has with --arms")
+        if first is None:
+            first = (path.name, result)
+        else:
+            where = first_difference(comparable_settings(first[1]["settings"]),
+                                     comparable_settings(result["settings"]), "settings")
+            if where or result.get("model") != first[1].get("model"):
+                raise SystemExit(f"--from-results {path}: {where or 'model'} differs from "
+                                 f"{first[0]}; every point must be run with the same settings")
+        mix = float(task["context_share"])
+        if mix in points:
+            raise SystemExit(f"--from-results {path}: a second file for context share {mix:g}")
+        kept = copy.deepcopy(result)
+        kept["runs"] = {ts: {s: {a: r for a, r in by_arm.items() if a in arms}
+                             for s, by_arm in by_seed.items()} for ts, by_seed in kept["runs"].items()}
+        kept["arms"] = _arms_of(kept["runs"])
+        attach_intervals(kept, n_boot=n_boot)
+        kept["verdict"] = verdict(kept, n_boot=n_boot)
+        kept["source"] = path.name
+        points[mix] = sweep_point(kept, mix, "context_share", n_boot)
+    return [points[m] for m in sorted(points)]
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from nslora_plugin.apps.harness.compare import run_compare
 
-    knob = sweep_knob(args)
-    mixes = _mixes(args.mix)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     out_dir = Path(args.output_dir)
     json_path = Path(args.json) if args.json else out_dir / "sweep.json"
-    points = []
-    for mix in mixes:
-        point_args = copy.copy(args)
-        setattr(point_args, knob, mix)
-        point_args.output_dir = str(out_dir / f"mix-{mix:g}")
-        point_args.json = str(out_dir / f"mix-{mix:g}" / "compare.json")
-        result = run_compare(point_args)
-        summary = {}
-        for arm, a in result["arms"].items():
-            iv = arm_interval(result, arm, args.bootstrap)
-            summary[arm] = {"accuracy": round(iv.point, 4), "accuracy_sd": a["held_out"].get("accuracy_sd", 0.0),
-                            "interval95": [round(iv.low, 4), round(iv.high, 4)],
-                            "levels": iv.levels,
-                            "per_seed": a["held_out"].get("accuracy_per_seed", [a["held_out"]["accuracy"]]),
-                            "per_run": a["held_out"].get("accuracy_per_run")}
-        points.append({"style_share": mix, "knob": knob, "arms": summary, "verdict": result.get("verdict"),
-                       "result": result})
+    if getattr(args, "from_results", None):
+        knob = "context_share"
+        points = points_from_results(args.from_results, arms, args.bootstrap)
+        mixes = [p["style_share"] for p in points]
+    else:
+        knob = sweep_knob(args)
+        mixes = _mixes(args.mix)
+        points = []
+        for mix in mixes:
+            point_args = copy.copy(args)
+            setattr(point_args, knob, mix)
+            point_args.output_dir = str(out_dir / f"mix-{mix:g}")
+            point_args.json = str(out_dir / f"mix-{mix:g}" / "compare.json")
+            points.append(sweep_point(run_compare(point_args), mix, knob, args.bootstrap))
     sweep = {"command": points[0]["result"]["command"] if points else "", "mixes": mixes, "knob": knob,
-             "arms": [a.strip() for a in args.arms.split(",") if a.strip()], "points": points}
+             "arms": arms, "points": points}
+    if getattr(args, "from_results", None):
+        from nslora_plugin.apps.harness.compare import _command
+
+        sweep["command"] = "\n".join([*(str(p["result"].get("command")) for p in points), _command()])
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(portable_paths(json.dumps(sweep, indent=2, ensure_ascii=False, default=str)) + "\n")
     json_path.with_suffix(".md").write_text(markdown(sweep))
