@@ -78,6 +78,13 @@ def test_files_of_different_experiments_are_refused_with_what_differs(evidence):
     fewer["runs"]["2"].pop("2")
     with pytest.raises(MergeError, match=rf"task seed 2 seed 2: {arms[1]}"):
         merge_results([a, fewer], ["a.json", "b.json"])
+    # a setting newer than one file counts as its default there; set otherwise, it differs
+    newer = copy.deepcopy(b)
+    newer["settings"]["nslora_config"].pop("unstated_constraint_round", None)
+    assert merge_results([a, newer], ["a.json", "b.json"])["arms"]
+    newer["settings"]["nslora_config"]["unstated_constraint_round"] = False
+    with pytest.raises(MergeError, match=r"unstated_constraint_round differs"):
+        merge_results([a, newer], ["a.json", "b.json"])
     # where each run wrote its folders may differ
     moved = copy.deepcopy(b)
     moved["settings"]["nslora_config"]["output_dir"] = "elsewhere"

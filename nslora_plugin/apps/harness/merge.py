@@ -34,7 +34,18 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings two files must share. An NSLoRA setting added after a file was written counts
+    as its default there (what that version ran, if the setting changed nothing by default)."""
+    import dataclasses
+
+    from nslora_plugin.core.config import NSLoRAConfig
+
     out = copy.deepcopy(settings)
+    config = out.get("nslora_config")
+    if isinstance(config, dict):
+        for field in dataclasses.fields(NSLoRAConfig):
+            if field.name not in config and field.default is not dataclasses.MISSING:
+                config[field.name] = field.default
     for outer, inner in _FREE_SETTINGS:
         if isinstance(out.get(outer), dict):
             out[outer].pop(inner, None)
