@@ -562,13 +562,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     path = _write(result, args, output_dir)
     print_table(console, result)
     report_drift(console, result, path)
-    console.print(f"results: {path}")
-    try:
-        from nslora_plugin.apps.report import compare_report
-
-        console.print(f"report: {compare_report(result, path.with_suffix('.html'))}")
-    except Exception as exc:  # the results JSON is written; a page that fails must not lose them
-        console.print(f"report: not written ({type(exc).__name__}: {exc})")
+    _announce(console, result, path)
     return result
 
 
@@ -586,6 +580,12 @@ def _merge(args: argparse.Namespace) -> dict[str, Any]:
     result["command"] += "\n" + _command()
     path = _write(result, args, Path(args.output_dir))
     print_table(console, result)
+    _announce(console, result, path)
+    return result
+
+
+def _announce(console: Any, result: dict[str, Any], path: Path) -> None:
+    """Say where the results went and write their HTML page beside them."""
     console.print(f"results: {path}")
     try:
         from nslora_plugin.apps.report import compare_report
@@ -593,7 +593,6 @@ def _merge(args: argparse.Namespace) -> dict[str, Any]:
         console.print(f"report: {compare_report(result, path.with_suffix('.html'))}")
     except Exception as exc:  # the results JSON is written; a page that fails must not lose them
         console.print(f"report: not written ({type(exc).__name__}: {exc})")
-    return result
 
 
 def _mean_base(bases: dict[str, dict[str, Any]]) -> dict[str, Any]:
