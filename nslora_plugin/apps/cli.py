@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(args)
         return 0
     if args.command == "compare":
+        if args.merge:  # train nothing: one comparison from results files
+            from nslora_plugin.apps.harness.merge import run_merge
+
+            run_merge(args)
+            return 0
         from nslora_plugin.apps.harness.compare import run_compare
 
         run_compare(args)

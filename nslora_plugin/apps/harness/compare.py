@@ -450,7 +450,7 @@ def _task_summary(task: Task) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "merge", None):
-        return _merge(args)
+        raise SystemExit("run_compare trains the arms; --merge trains nothing and is merge.run_merge")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
 
@@ -562,29 +562,11 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     path = _write(result, args, output_dir)
     print_table(console, result)
     report_drift(console, result, path)
-    _announce(console, result, path)
+    announce(console, result, path)
     return result
 
 
-def _merge(args: argparse.Namespace) -> dict[str, Any]:
-    """`--merge`: one results file from several (`merge.py`), its table and its page."""
-    from rich.console import Console
-
-    from nslora_plugin.apps.harness.merge import MergeError, merge_files
-
-    console = Console()
-    try:
-        result = merge_files(args.merge)
-    except MergeError as exc:
-        raise SystemExit(f"nslora compare --merge: {exc}") from None
-    result["command"] += "\n" + _command()
-    path = _write(result, args, Path(args.output_dir))
-    print_table(console, result)
-    _announce(console, result, path)
-    return result
-
-
-def _announce(console: Any, result: dict[str, Any], path: Path) -> None:
+def announce(console: Any, result: dict[str, Any], path: Path) -> None:
     """Say where the results went and write their HTML page beside them."""
     console.print(f"results: {path}")
     try:

@@ -10,6 +10,7 @@ and lists the commands it came from. Nothing is trained.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from pathlib import Path
@@ -125,3 +126,21 @@ def merge_results(results: Sequence[dict[str, Any]], names: Sequence[str],
 def merge_files(paths: Sequence[str | Path], n_boot: int | None = None) -> dict[str, Any]:
     paths = [Path(p) for p in paths]
     return merge_results([_read(p) for p in paths], [p.name for p in paths], n_boot)
+
+
+def run_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """`nslora compare --merge`: the merged results file, its table and its page."""
+    from rich.console import Console
+
+    from nslora_plugin.apps.harness.compare import _command, _write, announce, print_table
+
+    console = Console()
+    try:
+        result = merge_files(args.merge)
+    except MergeError as exc:
+        raise SystemExit(f"nslora compare --merge: {exc}") from None
+    result["command"] += "\n" + _command()
+    path = _write(result, args, Path(args.output_dir))
+    print_table(console, result)
+    announce(console, result, path)
+    return result
