@@ -24,7 +24,8 @@ class MergeError(ValueError):
     """Two results files that do not describe the same experiment, named with what differs."""
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_result(path: Path) -> dict[str, Any]:
+    """A compare results file, or a `MergeError` naming the file."""
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -74,11 +75,32 @@ def _check_same_experiment(first: dict[str, Any], other: dict[str, Any], name: s
     if where:
         raise MergeError(f"{name}: {where} differs from {name0} (other task instances or splits); "
                          "rerun with the same --task, --task-seeds and split sizes")
+    check_same_settings(first, other, name, name0)
+
+
+def check_same_settings(first: dict[str, Any], other: dict[str, Any], name: str, name0: str) -> None:
+    """Both results ran the same settings (the run folder aside), or a `MergeError` naming the
+    first difference."""
     where = first_difference(comparable_settings(first.get("settings") or {}),
-                              comparable_settings(other.get("settings") or {}), "settings")
+                             comparable_settings(other.get("settings") or {}), "settings")
     if where:
-        raise MergeError(f"{name}: {where} differs from {name0}; rerun the missing arms with the "
-                         "same settings (the results' `command` lists them)")
+        raise MergeError(f"{name}: {where} differs from {name0}; rerun with the same settings "
+                         "(the results' `command` lists them)")
+
+
+def keep_arms(result: dict[str, Any], arms: Sequence[str], n_boot: int | None = None) -> dict[str, Any]:
+    """A copy of `result` with only `arms`: their runs, summaries, intervals and the verdict over
+    them recomputed."""
+    from nslora_plugin.apps.harness.compare import _arms_of, attach_intervals, verdict
+
+    kept = copy.deepcopy(result)
+    kept["runs"] = {ts: {s: {a: r for a, r in by_arm.items() if a in arms}
+                         for s, by_arm in by_seed.items()} for ts, by_seed in kept["runs"].items()}
+    kept["arms"] = _arms_of(kept["runs"])
+    boot = n_boot or int((kept.get("settings") or {}).get("bootstrap_resamples", 2000))
+    attach_intervals(kept, n_boot=boot)
+    kept["verdict"] = verdict(kept, n_boot=boot)
+    return kept
 
 
 def merge_results(results: Sequence[dict[str, Any]], names: Sequence[str],
@@ -125,7 +147,7 @@ def merge_results(results: Sequence[dict[str, Any]], names: Sequence[str],
 
 def merge_files(paths: Sequence[str | Path], n_boot: int | None = None) -> dict[str, Any]:
     paths = [Path(p) for p in paths]
-    return merge_results([_read(p) for p in paths], [p.name for p in paths], n_boot)
+    return merge_results([read_result(p) for p in paths], [p.name for p in paths], n_boot)
 
 
 def run_merge(args: argparse.Namespace) -> dict[str, Any]:

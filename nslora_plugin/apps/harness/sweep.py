@@ -82,17 +82,20 @@ def points_from_results(paths: Sequence[str | Path], arms: Sequence[str],
     """`--from-results`: sweep points from compare results files of the synthetic task, one per
     context share, run with the same settings; each keeps only `arms` (which every file must
     have), with the verdict recomputed over them."""
-    from nslora_plugin.apps.harness.compare import _arms_of, attach_intervals, verdict
-    # the same notion of "the same settings" as `compare --merge`
-    from nslora_plugin.apps.harness.merge import comparable_settings, first_difference
+    # the same notion of "the same experiment" as `compare --merge`
+    from nslora_plugin.apps.harness.merge import MergeError, check_same_settings, keep_arms, read_result
 
     points: dict[float, dict[str, Any]] = {}
     first: tuple[str, dict[str, Any]] | None = None
     for path in map(Path, paths):
         try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"--from-results {path}: not a readable compare JSON ({exc})") from None
+            result = read_result(path)
+            if first is not None:
+                check_same_settings(first[1], result, path.name, first[0])
+        except MergeError as exc:
+            raise SystemExit(f"--from-results {exc}") from None
+        if first is not None and result.get("model") != first[1].get("model"):
+            raise SystemExit(f"--from-results {path}: model differs from {first[0]}")
         task = result.get("task") or {}
         if task.get("name") != "synthetic" or "context_share" not in task:
             raise SystemExit(f"--from-results {path}: not a compare result of the synthetic task "
@@ -101,23 +104,11 @@ def points_from_results(paths: Sequence[str | Path], arms: Sequence[str],
         if missing:
             raise SystemExit(f"--from-results {path}: no arm {', '.join(missing)} (it has "
                              f"{', '.join(result.get('arms', {}))}); pick arms every file has with --arms")
-        if first is None:
-            first = (path.name, result)
-        else:
-            where = first_difference(comparable_settings(first[1]["settings"]),
-                                     comparable_settings(result["settings"]), "settings")
-            if where or result.get("model") != first[1].get("model"):
-                raise SystemExit(f"--from-results {path}: {where or 'model'} differs from "
-                                 f"{first[0]}; every point must be run with the same settings")
+        first = first or (path.name, result)
         mix = float(task["context_share"])
         if mix in points:
             raise SystemExit(f"--from-results {path}: a second file for context share {mix:g}")
-        kept = copy.deepcopy(result)
-        kept["runs"] = {ts: {s: {a: r for a, r in by_arm.items() if a in arms}
-                             for s, by_arm in by_seed.items()} for ts, by_seed in kept["runs"].items()}
-        kept["arms"] = _arms_of(kept["runs"])
-        attach_intervals(kept, n_boot=n_boot)
-        kept["verdict"] = verdict(kept, n_boot=n_boot)
+        kept = keep_arms(result, arms, n_boot)
         kept["source"] = path.name
         points[mix] = sweep_point(kept, mix, "context_share", n_boot)
     return [points[m] for m in sorted(points)]
