@@ -69,17 +69,70 @@ def test_no_surface_string_is_shared_between_the_families():
     assert surface_strings_in(warm_text, EVAL_RULES) == []
 
 
+@pytest.mark.parametrize("rule_set", ["generated", "fixed"])
 @pytest.mark.parametrize("rows,seed", [(WarmupSettings().rows, WarmupSettings().seed), (3000, 1)])
-def test_no_evaluation_surface_string_appears_anywhere_in_the_warmup_data(rows, seed):
+def test_no_evaluation_surface_string_appears_anywhere_in_the_warmup_data(rows, seed, rule_set):
     """System prompts, questions and replies of the warm-up rows: none carries an evaluation rule's
     marker, wrapper, JSON key, prefix, bullet symbol or unit."""
-    data = make_warmup_rows(rows, seed=seed)
+    from nslora_plugin.apps.student.generated import generated_warmup_rules
+
+    rules = generated_warmup_rules(seed) if rule_set == "generated" else WARMUP_RULES
+    data = make_warmup_rows(rows, seed=seed, rules=rules)
+    assert {r["rule"] for r in data if r["rule"]} <= {r.name for r in rules}
     assert surface_strings_in(_all_text(data), EVAL_RULES) == []
     # the rows the trainer sees are the same text
     if seed == WarmupSettings().seed:
-        trained = "\n".join(m["content"] for row in warmup_dataset_rows(WarmupSettings())
+        settings = WarmupSettings(rule_set=rule_set)
+        trained = "\n".join(m["content"] for row in warmup_dataset_rows(settings)
                             for m in row["prompt"] + row["completion"])
         assert surface_strings_in(trained, EVAL_RULES) == []
+        assert trained == "\n".join(m["content"] for row in warmup_dataset_rows(settings)
+                                    for m in row["prompt"] + row["completion"])
+
+
+def test_generated_rules_cover_every_kind_and_share_nothing_with_the_evaluation_family():
+    from nslora_plugin.apps.student.generated import generated_warmup_rules
+
+    rules = generated_warmup_rules()
+    assert rules == generated_warmup_rules()
+    assert [r.surface for r in rules] == [r.surface for r in generated_warmup_rules()]  # deterministic
+    assert {r.kind for r in rules} == set(KINDS) and all(r.family == WARMUP for r in rules)
+    assert len({r.name for r in rules}) == len(rules) > 4 * len(WARMUP_RULES)
+    assert all(len(set(r.phrasings)) >= 3 for r in rules)
+    evaluation = {s.casefold() for r in EVAL_RULES for s in r.surface}
+    assert not {s.casefold() for r in rules for s in r.surface} & evaluation
+    text = "\n".join(p for r in rules for p in r.phrasings) + "\n" + "\n".join(r.name for r in rules)
+    assert surface_strings_in(text, EVAL_RULES) == []
+    # another seed draws other instances
+    assert [r.surface for r in generated_warmup_rules(1)] != [r.surface for r in rules]
+
+
+def test_generated_rules_refuse_a_vocabulary_that_touches_the_evaluation_family(monkeypatch):
+    import nslora_plugin.apps.student.generated as generated
+
+    monkeypatch.setattr(generated, "_MARK_WORDS", ("Final",))
+    monkeypatch.setattr(generated, "_MARK_SEPS", (":",))
+    with pytest.raises(ValueError, match="gen_mar_0 shares"):
+        generated.generated_warmup_rules(per_kind={"marker": 1})
+
+
+def test_generated_rules_transforms_obey_their_checkers():
+    from nslora_plugin.apps.student.generated import generated_warmup_rules
+
+    questions = make_questions(240, seed=3)
+    for rule in generated_warmup_rules():
+        items = [q for q in questions if rule.applies_to(q)]
+        assert len(items) >= 40, rule.name
+        for item in items:
+            reply = rule.apply(item)
+            assert rule.check(reply), (rule.name, rule.surface, item.question, reply)
+        # a plain reply does not obey the rule by chance (the loosest caps, e.g. 120 characters,
+        # fit the shorter plain replies: 102 of these 240)
+        plain = [rule.check(item.text) for item in items]
+        if rule.kind == "length":
+            assert sum(plain) < 0.5 * len(items), rule.name
+        else:
+            assert not any(plain), rule.name
 
 
 def test_surface_search_finds_what_it_should():
@@ -221,6 +274,19 @@ def test_cache_key_follows_settings_base_and_registry(tiny_base, tokenizer, tmp_
 
     monkeypatch.setattr(warmup, "REGISTRY_VERSION", 999)
     assert cache_key(TINY_SETTINGS, fp) != key
+    monkeypatch.undo()
+    # the rule set is in the key; the fixed set keeps the key it had before rule sets existed
+    import dataclasses
+    import hashlib
+
+    fixed = replace(TINY_SETTINGS, rule_set="fixed")
+    old = {"settings": {k: v for k, v in dataclasses.asdict(fixed).items() if k != "rule_set"},
+           "base": fp, "registry": warmup.REGISTRY_VERSION, "recipe": warmup.RECIPE_VERSION}
+    assert cache_key(fixed, fp) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    fixed_key = cache_key(fixed, fp)
+    assert fixed_key != key
+    monkeypatch.setattr(warmup, "GENERATED_VERSION", 999)
+    assert cache_key(TINY_SETTINGS, fp) != key and cache_key(fixed, fp) == fixed_key
 
 
 def test_settings_are_validated():
@@ -228,6 +294,8 @@ def test_settings_are_validated():
         WarmupSettings(steps=0)
     with pytest.raises(ValueError, match="neutral_share"):
         WarmupSettings(neutral_share=1.0)
+    with pytest.raises(ValueError, match="rule_set must be one of generated, fixed, got 'nope'"):
+        WarmupSettings(rule_set="nope")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,5 +387,12 @@ def test_student_option_picks_raw_for_a_given_model_and_warms_on_request(tiny_ba
     args = build_parser(argparse.ArgumentParser()).parse_args(
         ["--model", str(tiny_base), "--student", "warmed"])
     assert choose_student(args, **quiet) == (result.path, "warmed")
+    # the first warm-up (fixed rule set): another folder, whose marker says so
+    args = build_parser(argparse.ArgumentParser()).parse_args(
+        ["--model", str(tiny_base), "--student", "warmed-fixed"])
+    fixed, label = choose_student(args, **quiet)
+    assert label == "warmed" and fixed != result.path
+    assert read_marker(fixed)["settings"]["rule_set"] == "fixed"
+    assert read_marker(result.path)["settings"]["rule_set"] == "generated"
     with pytest.raises(SystemExit):
         build_parser(argparse.ArgumentParser()).parse_args(["--student", "cooked"])

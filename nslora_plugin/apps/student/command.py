@@ -24,7 +24,7 @@ the warm-up's. Built once (times: recipes/results/student.md).
 
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
-    from nslora_plugin.apps.student.warmup import WarmupSettings
+    from nslora_plugin.apps.student.warmup import RULE_SETS, WarmupSettings
 
     d = WarmupSettings()
     group = parser.add_argument_group("warm-up settings (each one is part of the cache key)")
@@ -40,6 +40,10 @@ def _settings_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"learning rate (default {d.learning_rate:g})")
     group.add_argument("--rank", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
     group.add_argument("--seed", type=int, default=d.seed, help=f"seed of rows and training (default {d.seed})")
+    group.add_argument("--rule-set", choices=RULE_SETS, default=d.rule_set,
+                       help="generated: many warm-up rules, each with its own markers, tags and keys; "
+                            "fixed: the first warm-up's 19 rules (the student the committed evidence "
+                            f"was measured on) (default {d.rule_set})")
 
 
 def _threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +84,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from nslora_plugin.apps.student.warmup import WarmupSettings
 
     return WarmupSettings(rows=args.rows, steps=args.steps, batch_size=args.batch_size,
-                          learning_rate=args.lr, lora_r=args.rank, seed=args.seed)
+                          learning_rate=args.lr, lora_r=args.rank, seed=args.seed,
+                          rule_set=args.rule_set)
 
 
 def run(args: argparse.Namespace) -> int:

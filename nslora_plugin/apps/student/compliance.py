@@ -8,8 +8,8 @@ For each model (greedy decoding, one batch pass per prompt set):
   the right answer (`core.answers.answer_in_reply`);
 - **no rule**: `neutral_items` arithmetic and look-up questions under `"You are a helpful
   assistant."` alone; how often a reply obeys some rule nobody asked for (the distinctive kinds:
-  markers, prefixes, wrappers, JSON, bullets, units), per family, so a warm-up rule baked into the
-  weights shows; and answer accuracy on the same replies;
+  markers, prefixes, wrappers, JSON, bullets, units), per family (evaluation, the fixed warm-up
+  rules, the generated ones of seed 0), so a warm-up rule baked into the weights shows; and answer accuracy on the same replies;
 - **reference NLL**: mean NLL per token of neutral references under the neutral prompt: GSM8K test
   answers when a file is given (text the warm-up never saw), and the plain replies of the no-rule
   questions.
@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nslora_plugin.apps.student.generated import generated_warmup_rules
 from nslora_plugin.apps.student.rules import (
     EVAL_PERSONA,
     EVAL_RULES,
@@ -280,14 +281,15 @@ def _measure(folder: str | Path, *, rules: Sequence[FormatRule], items_per_rule:
 
     no_rule: dict[str, Any] = {}
     if plain:
-        for family, family_rules in (("eval", rules), ("warmup", WARMUP_RULES)):
+        generated = generated_warmup_rules()
+        for family, family_rules in (("eval", rules), ("warmup", WARMUP_RULES), ("generated", generated)):
             distinct = [r for r in family_rules if r.kind in DISTINCTIVE_KINDS]
             any_ok = [float(any(r.check(reply) for r in distinct if r.applies_to(item)))
                       for item, reply in zip(plain, loose)]
             no_rule[f"any_{family}_rule"] = _summary(any_ok, seed)
         no_rule["per_rule"] = {r.name: _mean([float(r.check(reply)) for item, reply in zip(plain, loose)
                                               if r.applies_to(item)])
-                               for r in list(rules) + list(WARMUP_RULES)}
+                               for r in list(rules) + list(WARMUP_RULES) + list(generated)}
         no_rule["examples"] = [{"question": item.question, "reply": reply}
                                for item, reply in list(zip(plain, loose))[:keep_replies]]
     accuracy = _summary([float(_correct(item, reply)) for item, reply in zip(plain, loose)], seed) \
@@ -388,6 +390,9 @@ def render_tables(result: dict[str, Any], console: Any = None) -> None:
                        _fmt(raw["no_rule"]["any_eval_rule"]), _fmt(warm["no_rule"]["any_eval_rule"]))
         checks.add_row("replies obeying some warm-up rule unasked",
                        _fmt(raw["no_rule"]["any_warmup_rule"]), _fmt(warm["no_rule"]["any_warmup_rule"]))
+        checks.add_row("replies obeying some generated warm-up rule unasked",
+                       _fmt(raw["no_rule"].get("any_generated_rule")),
+                       _fmt(warm["no_rule"].get("any_generated_rule")))
         checks.add_row("answer accuracy (arithmetic, look-ups)", _fmt(raw["accuracy"]),
                        _fmt(warm["accuracy"]))
     for name, c in result.get("nll_change", {}).items():

@@ -40,11 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nslora_plugin.apps.student.rules import REGISTRY_VERSION, make_warmup_rows
+from nslora_plugin.apps.student.generated import GENERATED_VERSION, generated_warmup_rules
+from nslora_plugin.apps.student.rules import REGISTRY_VERSION, WARMUP_RULES, make_warmup_rows
 
 __all__ = [
     "MARKER",
     "RECIPE_VERSION",
+    "RULE_SETS",
     "WarmupResult",
     "WarmupSettings",
     "cache_key",
@@ -57,6 +59,8 @@ __all__ = [
     "warm_student",
 ]
 
+#: The warm-up rule sets `WarmupSettings.rule_set` accepts.
+RULE_SETS = ("generated", "fixed")
 #: Bumped when the training recipe (not its settings) changes: part of the cache key.
 RECIPE_VERSION = 1
 #: Written last into a finished student folder: provenance, settings and the cache key.
@@ -85,6 +89,10 @@ class WarmupSettings:
     seed: int = 0
     neutral_share: float = 0.35
     max_length: int = 384
+    #: "generated": many rule instances, each with its own markers, tags, keys and phrasings
+    #: (`generated.generated_warmup_rules`); "fixed": the 19 rules of `rules.WARMUP_RULES`, the
+    #: first warm-up (the student `recipes/results/evidence.md` was measured on).
+    rule_set: str = "generated"
 
     def __post_init__(self) -> None:
         for name in ("rows", "steps", "batch_size", "lora_r", "max_length"):
@@ -94,6 +102,9 @@ class WarmupSettings:
             raise ValueError(f"WarmupSettings.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.neutral_share < 1.0:
             raise ValueError(f"WarmupSettings.neutral_share must be in [0, 1), got {self.neutral_share}")
+        if self.rule_set not in RULE_SETS:
+            raise ValueError(f"WarmupSettings.rule_set must be one of {', '.join(RULE_SETS)}, "
+                             f"got {self.rule_set!r}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +167,15 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def cache_key(settings: WarmupSettings, base_fingerprint: str) -> str:
     """16 hex digits naming the warmed student of `settings` on the base `base_fingerprint`."""
-    payload = {"settings": dataclasses.asdict(settings), "base": base_fingerprint,
-               "registry": REGISTRY_VERSION, "recipe": RECIPE_VERSION}
+    fields = dataclasses.asdict(settings)
+    payload: dict[str, Any] = {"base": base_fingerprint, "registry": REGISTRY_VERSION,
+                               "recipe": RECIPE_VERSION}
+    if fields.pop("rule_set") == "generated":
+        # Keys of the fixed rule set stay what they were before rule sets existed, so the student
+        # the committed evidence was measured on can be rebuilt under its recorded key.
+        fields["rule_set"] = "generated"
+        payload["generated"] = GENERATED_VERSION
+    payload["settings"] = fields
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -319,7 +337,9 @@ def warmup_dataset_rows(settings: WarmupSettings) -> list[dict[str, Any]]:
     reply only)."""
     from nslora_plugin.core.chat import chat_messages
 
-    rows = make_warmup_rows(settings.rows, seed=settings.seed, neutral_share=settings.neutral_share)
+    rules = generated_warmup_rules(settings.seed) if settings.rule_set == "generated" else WARMUP_RULES
+    rows = make_warmup_rows(settings.rows, seed=settings.seed, neutral_share=settings.neutral_share,
+                            rules=rules)
     return [{"prompt": chat_messages(r["system_prompt"], r["question"]),
              "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows]
 

@@ -1,0 +1,256 @@
+"""Many generated warm-up rules: the same eight kinds, each instance with its own surface strings.
+
+The fixed warm-up family (`rules.WARMUP_RULES`) has two or three rules a kind, so a 135M student
+warmed on it partly learns *those* markers and wrappers and follows a new one only when it looks
+like them (`recipes/results/student.md`). Here every rule instance draws its own marker word and
+separator, prefix, tag name, bracket pair, JSON keys, bullet symbol and count, word or character
+cap, or unit word, and its phrasings from templates, so the only thing the rows have in common
+is *do what the system prompt says*. That is the skill the evaluation family measures.
+
+Every vocabulary below avoids the evaluation family's surface strings and the words they are
+made of (`_BANNED`): `generated_warmup_rules` refuses to return a rule that would share one, and
+the tests scan the rows as they do for the fixed family. Deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+from nslora_plugin.apps.student.rules import (
+    EVAL_RULES,
+    WARMUP,
+    FormatRule,
+    Plain,
+    bullets,
+    casing,
+    char_cap,
+    inline_wrap,
+    json_keys,
+    marker,
+    prefix,
+    surface_strings_in,
+    title_case,
+    unit,
+    whole_tag,
+    word_cap,
+)
+
+__all__ = ["GENERATED_VERSION", "generated_warmup_rules", "last_line_upper"]
+
+#: Part of the warmed student's cache key when it is built on generated rules: bump it when a
+#: vocabulary, a template or the way instances are drawn changes.
+GENERATED_VERSION = 1
+
+#: Words of the evaluation family's surface strings; no generated surface string contains one.
+_BANNED = ("answer", "final", "verdict", "quick", "take", "response", "reasoning", "unit", "{{",
+           "}}", "•")
+
+_MARK_WORDS = ("RESULT", "OUTCOME", "SOLVED", "TOTAL", "SUMMARY", "Result", "Outcome", "Summary",
+               "Conclusion", "Bottom line", "In short", "Output", "Solution", "Upshot", "Takeaway",
+               "Tally", "Net result", "Short version", "Therefore", "DONE", "Key fact", "So",
+               "Reply", "Finding", "Value", "Hence", "REPLY", "OUT", "Found", "It is")
+_MARK_SEPS = (":", " =", " ->", " -", " >", " |", " ::", " >>", "::", " ~")
+_PREFIXES = ("Working it out:", "Here you go.", "Sure thing:", "Okay!", "Let me see.", "In brief:",
+             "Right, so", "Good question.", "Here is my reply:", "Short version:", "Happy to help:",
+             "Let's go:", "Hello!", "Straight to it:", "Thanks for asking.", "Alright:",
+             "To put it simply:", "Noted:", "Sure:", "Of course!", "Hmm, let me think.", "Well,",
+             "Got it:", "Look:", "Easy one:", "OK:")
+_TAGS = ("reply", "out", "msg", "text", "result", "body", "note", "output", "solution", "say",
+         "content", "r", "data", "card", "block", "info")
+_PAIRS = (("<val>", "</val>"), ("<v>", "</v>"), ("<res>", "</res>"), ("<num>", "</num>"),
+          ("<key>", "</key>"), ("<b>", "</b>"), ("[[", "]]"), ("((", "))"), ("<<", ">>"),
+          ("**", "**"), ("__", "__"), ("##", "##"), ("|", "|"), ("<hit>", "</hit>"),
+          ("<x>", "</x>"), ("[", "]"), ("%%", "%%"), ("~~", "~~"))
+_KEY_PAIRS = (("result", "steps"), ("value", "why"), ("output", "explanation"), ("total", "work"),
+              ("solution", "notes"), ("reply", "details"), ("result", "because"),
+              ("value", "explanation"), ("out", "how"), ("res", "method"), ("key_fact", "support"),
+              ("result", "justification"), ("conclusion", "evidence"), ("value", "context"),
+              ("outcome", "workings"), ("fact", "source"))
+_SYMBOLS = ("-", "*", "+", ">", "–", "→", "▪", "◦", "#", "=")
+_COUNTS = (2, 3, 4)
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                 9: "nine", 10: "ten", 11: "eleven", 12: "twelve", 14: "fourteen", 15: "fifteen"}
+_WORD_CAPS = (6, 7, 8, 9, 10, 11, 12, 14, 15)
+_CHAR_CAPS = (40, 45, 50, 70, 80, 90, 100, 120)
+_CODES = ("pcs", "ea", "items", "pieces", "ct", "qty", "nos", "pc", "lots", "objects", "things")
+
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "marker": (
+        "End your reply with one more line: {m} followed by the answer.",
+        "The last line must begin with '{m}' and give the answer.",
+        "After explaining, write a closing line of the form '{m} 42'.",
+        "Restate the answer at the bottom, on its own line, after '{m}'.",
+        "Sign off with a line that starts {m} and holds the answer.",
+        "Your reply ends on a line reading {m} and then the answer.",
+    ),
+    "prefix": (
+        "Begin your reply with '{s}'.",
+        "The very first words you write must be {s}",
+        "Start off with {s} and then reply.",
+        "Open every reply with the phrase '{s}'.",
+        "Put {s} at the start of the reply, before anything else.",
+    ),
+    "tag": (
+        "Wrap the complete reply in <{t}> ... </{t}>.",
+        "Put all of your reply between <{t}> and </{t}>.",
+        "Everything you write must sit inside a <{t}></{t}> element.",
+        "Enclose your full reply in {t} tags: <{t}> at the start, </{t}> at the end.",
+    ),
+    "pair": (
+        "Put the answer between {l} and {r}.",
+        "Mark the answer like this: {l}42{r}.",
+        "When you state the answer, surround it with {l}...{r}.",
+        "Write the answer itself enclosed in {l}{r}, e.g. {l}7{r}.",
+    ),
+    "json": (
+        'Reply with a JSON object with the keys "{a}" and "{d}" only.',
+        'Return only JSON, like {{"{a}": ..., "{d}": ...}}.',
+        'Format your reply as JSON: the answer under "{a}", the explanation under "{d}".',
+        'Output one JSON object; put the answer in "{a}" and how you got it in "{d}".',
+    ),
+    "bullets": (
+        "Reply with exactly {n} lines, each starting with '{b} '.",
+        "Give {w} bullet points that begin with {b}",
+        "Make a list of exactly {n} items, each line opening with the {b} symbol.",
+        "Use {w} lines, no more and no fewer, each one starting with '{b} '.",
+    ),
+    "words": (
+        "Use no more than {n} words.",
+        "Keep the reply to {w} words or fewer.",
+        "At most {n} words, please.",
+        "Reply briefly: {n} words maximum.",
+    ),
+    "chars": (
+        "Keep the whole reply under {n} characters.",
+        "No more than {n} characters in total.",
+        "The reply may be at most {n} characters long.",
+    ),
+    "units": (
+        "Write '{c}' right after the final number, as in '9 {c}'.",
+        "Label the final count with {c}.",
+        "After the last number, add the word {c}.",
+        "Give the final number followed by {c}, like 14 {c}.",
+    ),
+}
+_CASING = {
+    "lower": ("Write your whole reply in lowercase letters only.", "Use no capital letters anywhere.",
+              "Reply entirely in lower case.", "Every letter you write must be lowercase."),
+    "title": ("Capitalize the first letter of every word in your reply.",
+              "Write the reply in title case: Every Word Starts With A Capital.",
+              "Start each word you write with a capital letter."),
+    "upper_last": ("Put the conclusion on a last line written in capital letters.",
+                   "End with one line in CAPITAL LETTERS that states the conclusion.",
+                   "Your closing line must be all capitals."),
+}
+
+
+def last_line_upper(name: str, family: str, phrasings: Sequence[str]) -> FormatRule:
+    """The reply's last line is in capital letters (at least three letters, none lower case).
+
+    A casing rule of the warm-up only: it asks for capitals somewhere, which the whole-reply
+    upper-case rule of the evaluation family also needs, without being that rule.
+    """
+    lower = re.compile("[a-z]")
+
+    def check(reply: str) -> bool:
+        lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        return len(lines) >= 2 and sum(c.isalpha() for c in last) >= 3 and not lower.search(last)
+
+    def transform(p: Plain) -> str:
+        last = p.points[-1]
+        return f"{p.detail}\n{last.upper()}"
+
+    return FormatRule(name, family, "casing", tuple(phrasings), transform=transform, check=check)
+
+
+def _name(kind: str, i: int) -> str:
+    """`gen_<kind, 3 letters>_<i>`: no evaluation word (like "units") even in a rule's name."""
+    return f"gen_{kind[:3]}_{i}"
+
+
+def _phrasings(rng: random.Random, templates: Sequence[str], k: int = 3, **slots: object) -> tuple[str, ...]:
+    return tuple(t.format(**slots) for t in rng.sample(list(templates), min(k, len(templates))))
+
+
+def _instances(rng: random.Random, kind: str, n: int) -> list[FormatRule]:
+    """`n` distinct rules of `kind` (`rules.KINDS`)."""
+    out: list[FormatRule] = []
+    W = WARMUP
+    if kind == "marker":
+        seen: set[str] = set()
+        while len(out) < n:
+            mark = f"{rng.choice(_MARK_WORDS)}{rng.choice(_MARK_SEPS)}"
+            if mark in seen:
+                continue
+            seen.add(mark)
+            out.append(marker(_name("marker", len(out)), W, mark,
+                              _phrasings(rng, _TEMPLATES["marker"], m=mark)))
+    elif kind == "prefix":
+        for i, start in enumerate(rng.sample(_PREFIXES, n)):
+            out.append(prefix(_name("prefix", i), W, start, _phrasings(rng, _TEMPLATES["prefix"], s=start)))
+    elif kind == "wrapper":
+        tags = rng.sample(_TAGS, n // 2)
+        pairs = rng.sample(_PAIRS, n - n // 2)
+        for i, tag in enumerate(tags):
+            out.append(whole_tag(_name("wrapper", i), W, tag, _phrasings(rng, _TEMPLATES["tag"], t=tag)))
+        for i, (left, right) in enumerate(pairs, start=len(tags)):
+            out.append(inline_wrap(_name("wrapper", i), W, left, right,
+                                   _phrasings(rng, _TEMPLATES["pair"], l=left, r=right)))
+    elif kind == "casing":
+        makers = (("lower", lambda nm, ph: casing(nm, W, False, ph)), ("title", lambda nm, ph: title_case(nm, W, ph)),
+                  ("upper_last", lambda nm, ph: last_line_upper(nm, W, ph)))
+        for i in range(n):
+            style, make = makers[i % len(makers)]
+            out.append(make(_name("casing", i), _phrasings(rng, _CASING[style])))
+    elif kind == "length":
+        words = rng.sample(_WORD_CAPS, (n + 1) // 2)
+        chars = rng.sample(_CHAR_CAPS, n // 2)
+        for i, cap in enumerate(words):
+            out.append(word_cap(_name("length", i), W, cap,
+                                _phrasings(rng, _TEMPLATES["words"], n=cap, w=_NUMBER_WORDS[cap])))
+        for i, cap in enumerate(chars, start=len(words)):
+            out.append(char_cap(_name("length", i), W, cap, _phrasings(rng, _TEMPLATES["chars"], n=cap)))
+    elif kind == "json":
+        for i, (a, d) in enumerate(rng.sample(_KEY_PAIRS, n)):
+            out.append(json_keys(_name("json", i), W, a, d, _phrasings(rng, _TEMPLATES["json"], a=a, d=d)))
+    elif kind == "bullets":
+        combos = [(s, c) for s in _SYMBOLS for c in _COUNTS]
+        for i, (symbol, count) in enumerate(rng.sample(combos, n)):
+            out.append(bullets(_name("bullets", i), W, symbol, count,
+                               _phrasings(rng, _TEMPLATES["bullets"], n=count, w=_NUMBER_WORDS[count],
+                                          b=symbol)))
+    elif kind == "units":
+        for i, code in enumerate(rng.sample(_CODES, n)):
+            out.append(unit(_name("units", i), W, code, _phrasings(rng, _TEMPLATES["units"], c=code)))
+    else:
+        raise ValueError(f"unknown rule kind {kind!r}")
+    return out
+
+
+#: How many instances of each kind `generated_warmup_rules` draws by default.
+DEFAULT_PER_KIND = {"marker": 14, "prefix": 10, "wrapper": 14, "casing": 9, "length": 10,
+                    "json": 10, "bullets": 12, "units": 8}
+
+
+def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None) -> tuple[FormatRule, ...]:
+    """Warm-up rule instances, deterministic from `seed`, `per_kind[kind]` of each kind.
+
+    Raises `ValueError` if an instance would share a surface string, or a word of one, with the
+    evaluation family: that would break the disjointness the compliance benchmark relies on.
+    """
+    counts = dict(DEFAULT_PER_KIND if per_kind is None else per_kind)
+    rng = random.Random(f"nslora-generated-rules:{seed}:{GENERATED_VERSION}")
+    rules: list[FormatRule] = []
+    for kind in sorted(counts):
+        rules.extend(_instances(rng, kind, counts[kind]))
+    for rule in rules:
+        text = " ".join(rule.surface + rule.phrasings)
+        shared = surface_strings_in(text, EVAL_RULES)
+        banned = [w for w in _BANNED for s in rule.surface if w in s.casefold()]
+        if shared or banned:
+            raise ValueError(f"generated rule {rule.name} shares {shared or banned} with the "
+                             "evaluation family; change its vocabulary")
+    return tuple(rules)
