@@ -8,6 +8,8 @@ needs a student that does. This package builds one, offline, from the raw model:
   student is trained on) and an *evaluation* family (what the demo, `compare`, `sweep` and the
   benchmarks measure), with no surface string (marker, wrapper, key, prefix, unit) in common;
   and the generator of instruction-following rows over arithmetic, look-ups and definitions.
+- `generated`: many more warm-up rules, each instance with its own surface strings (the default
+  warm-up's rule set), so the student learns to copy what the prompt names, not a few strings.
 - `warmup`: LoRA on those rows, merged into the base weights and cached as a normal model folder
   (`ensure_warmed_student()`).
 - `compliance`: how often a model obeys each evaluation rule when its system prompt states it, and
@@ -18,6 +20,7 @@ Importing this package costs nothing: torch, transformers and friends load insid
 
 from __future__ import annotations
 
+from nslora_plugin.apps.student.generated import GENERATED_VERSION, generated_warmup_rules
 from nslora_plugin.apps.student.rules import (
     EVAL,
     EVAL_RULES,
@@ -41,6 +44,7 @@ from nslora_plugin.apps.student.warmup import (
 __all__ = [
     "EVAL",
     "EVAL_RULES",
+    "GENERATED_VERSION",
     "REGISTRY_VERSION",
     "WARMUP",
     "WARMUP_RULES",
@@ -51,6 +55,7 @@ __all__ = [
     "ensure_warmed_student",
     "get_rule",
     "make_questions",
+    "generated_warmup_rules",
     "make_warmup_rows",
     "student_folder",
     "warm_student",

@@ -6,18 +6,19 @@
     folder = ensure_warmed_student("my/model-folder", WarmupSettings(steps=60))
 
 The first call trains a LoRA adapter on `rules.make_warmup_rows` (system prompts stating one
-warm-up rule, replies obeying it, plus the same questions under a neutral prompt with plain
+warm-up rule, of `generated.generated_warmup_rules` by default or `rules.WARMUP_RULES` with
+`rule_set="fixed"`, replies obeying it, plus the same questions under a neutral prompt with plain
 replies), merges it into the base weights (`merge_and_unload`) and saves an ordinary model folder
 with the base's tokenizer under the model cache (`apps/tools/models.default_cache_dir()`):
 
     <cache>/students/<base name>-warm-<key>/
 
 `key` hashes everything the result depends on: the settings (rows, steps, batch size, learning
-rate, rank, seed, neutral share, max length), the base model's fingerprint (its config, tokenizer
-and a sample of its weight files), `rules.REGISTRY_VERSION` and `RECIPE_VERSION`. Changed settings
-build a new folder; the same settings find the cached one. A marker file written last means
-"complete"; builds are serialized across processes by a file lock, and the folder appears
-atomically. The raw model stays where it was (`ensure_default_model()`).
+rate, rank, seed, neutral share, max length, rule set), the base model's fingerprint (its config,
+tokenizer and a sample of its weight files), `rules.REGISTRY_VERSION`, `RECIPE_VERSION` and, for
+generated rules, `generated.GENERATED_VERSION`. Changed settings build a new folder; the same
+settings find the cached one. A marker file written last means "complete"; builds are serialized
+across processes by a file lock, and the folder appears atomically. The raw model stays where it was (`ensure_default_model()`).
 
 The default budget (`WarmupSettings()`) is sized for a laptop-class CPU (fp32,
 `harness.sft.cpu_training_overrides()`; times in recipes/results/student.md); a rich progress bar (plain lines when the output is not a
