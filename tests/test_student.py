@@ -314,6 +314,8 @@ def test_bootstrap_interval():
 def test_compliance_smoke_on_tiny_models(tiny_base, warmed):
     from rich.console import Console
 
+    from nslora_plugin.apps.student.generated import generated_warmup_rules
+
     from nslora_plugin.apps.student.compliance import compare_students, render_tables
 
     result, _ = warmed
@@ -324,12 +326,16 @@ def test_compliance_smoke_on_tiny_models(tiny_base, warmed):
         assert list(stated) == [r.name for r in EVAL_RULES[:3]]
         assert all(0.0 <= s["rate"] <= 1.0 and s["n"] == 2 for s in stated.values())
         assert out[label]["no_rule"]["any_eval_rule"]["n"] == 2
+        # a baked-in rule of either warm-up set would show: the generated rules are checked too
+        assert out[label]["no_rule"]["any_generated_rule"]["n"] == 2
+        assert {r.name for r in generated_warmup_rules()} <= set(out[label]["no_rule"]["per_rule"])
         assert len(out[label]["nll"]["plain"]) == 2
     assert set(out["nll_change"]) == {"plain"}
     json.dumps(out)  # the benchmark writes it as JSON
     buffer = io.StringIO()
     render_tables(out, Console(file=buffer, width=160))
     assert "answer_line" in buffer.getvalue() and "reference NLL" in buffer.getvalue()
+    assert "generated warm-up rule unasked" in buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
