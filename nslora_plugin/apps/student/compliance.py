@@ -9,7 +9,8 @@ For each model (greedy decoding, one batch pass per prompt set):
 - **no rule**: `neutral_items` arithmetic and look-up questions under `"You are a helpful
   assistant."` alone; how often a reply obeys some rule nobody asked for (the distinctive kinds:
   markers, prefixes, wrappers, JSON, bullets, units), per family (evaluation, the fixed warm-up
-  rules, the generated ones of seed 0), so a warm-up rule baked into the weights shows; and answer accuracy on the same replies;
+  rules, the generated ones of seed 0), so a warm-up rule baked into the weights shows; and
+  answer accuracy on the same replies;
 - **reference NLL**: mean NLL per token of neutral references under the neutral prompt: GSM8K test
   answers when a file is given (text the warm-up never saw), and the plain replies of the no-rule
   questions.

@@ -18,7 +18,8 @@ rate, rank, seed, neutral share, max length, rule set), the base model's fingerp
 tokenizer and a sample of its weight files), `rules.REGISTRY_VERSION`, `RECIPE_VERSION` and, for
 generated rules, `generated.GENERATED_VERSION`. Changed settings build a new folder; the same
 settings find the cached one. A marker file written last means "complete"; builds are serialized
-across processes by a file lock, and the folder appears atomically. The raw model stays where it was (`ensure_default_model()`).
+across processes by a file lock, and the folder appears atomically. The raw model stays where it
+was (`ensure_default_model()`).
 
 The default budget (`WarmupSettings()`) is sized for a laptop-class CPU (fp32,
 `harness.sft.cpu_training_overrides()`; times in recipes/results/student.md); a rich progress bar (plain lines when the output is not a
@@ -76,10 +77,10 @@ Log = Callable[[str], object]
 class WarmupSettings:
     """What the warm-up trains with; every field is part of the cache key.
 
-    Default budget: 160 steps of batch 8 (1,280 rows seen, about one pass over 1,200 rows of 105
-    tokens on average, batched by length), LoRA rank 16 on every linear layer, learning rate 6e-4
-    decaying linearly; sized to build once on two CPU cores (measured times:
-    recipes/results/student.md).
+    Default budget: 160 steps of batch 8 (1,280 rows seen, about one pass over 1,200 rows,
+    batched by length), LoRA rank 16 on every linear layer, learning rate 6e-4 decaying linearly;
+    sized to build once on two CPU cores (measured times: recipes/results/student.md). "fixed"
+    keys stay what they were before `rule_set` existed (`cache_key`).
     """
 
     rows: int = 1200
