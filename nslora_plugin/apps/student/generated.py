@@ -48,7 +48,7 @@ _BANNED = ("answer", "final", "verdict", "quick", "take", "response", "reasoning
            "}}", "•")
 
 _MARK_WORDS = ("RESULT", "OUTCOME", "SOLVED", "TOTAL", "SUMMARY", "Result", "Outcome", "Summary",
-               "Conclusion", "Bottom line", "In short", "Output", "Solution", "Upshot", "Takeaway",
+               "Conclusion", "Bottom line", "In short", "Output", "Solution", "Upshot", "Gist",
                "Tally", "Net result", "Short version", "Therefore", "DONE", "Key fact", "So",
                "Reply", "Finding", "Value", "Hence", "REPLY", "OUT", "Found", "It is")
 _MARK_SEPS = (":", " =", " ->", " -", " >", " |", " ::", " >>", "::", " ~")
