@@ -110,8 +110,15 @@ def test_generated_rules_cover_every_kind_and_share_nothing_with_the_evaluation_
 def test_generated_rules_refuse_a_vocabulary_that_touches_the_evaluation_family(monkeypatch):
     import nslora_plugin.apps.student.generated as generated
 
-    monkeypatch.setattr(generated, "_MARK_WORDS", ("Final",))
-    monkeypatch.setattr(generated, "_MARK_SEPS", (":",))
+    # a word of the evaluation family anywhere in the vocabulary fails every seed, drawn or not
+    monkeypatch.setattr(generated, "_PREFIXES", generated._PREFIXES + ("My take:",))
+    assert generated.vocabulary_clashes() == [("My take:", "take")]
+    with pytest.raises(ValueError, match="vocabulary words .*My take:"):
+        generated.generated_warmup_rules(per_kind={"marker": 1})
+    monkeypatch.undo()
+    # a drawn instance that composes an evaluation string ("Final" + ":") is refused by name
+    monkeypatch.setattr(generated, "_MARK_WORDS", ("Fin",))
+    monkeypatch.setattr(generated, "_MARK_SEPS", ("al:",))
     with pytest.raises(ValueError, match="gen_mar_0 shares"):
         generated.generated_warmup_rules(per_kind={"marker": 1})
 
@@ -122,10 +129,7 @@ def test_generated_rules_build_for_any_seed():
     200 seeds)."""
     import nslora_plugin.apps.student.generated as generated
 
-    vocabulary = [*generated._MARK_WORDS, *generated._PREFIXES, *generated._TAGS, *generated._CODES,
-                  *(x for pair in generated._PAIRS for x in pair),
-                  *(x for pair in generated._KEY_PAIRS for x in pair), *generated._SYMBOLS]
-    assert [(v, w) for v in vocabulary for w in generated._BANNED if w in v.casefold()] == []
+    assert generated.vocabulary_clashes() == []
     for seed in range(60):
         assert len(generated.generated_warmup_rules(seed)) == sum(generated.DEFAULT_PER_KIND.values())
 

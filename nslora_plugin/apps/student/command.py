@@ -57,7 +57,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="student_command", required=True, metavar="{build,path,check}")
-    build = sub.add_parser("build", help="warm the student up and cache it (a quarter of an hour on 2 CPU cores)",
+    build = sub.add_parser("build",
+                           help="warm the student up and cache it (a quarter of an hour on 2 CPU cores)",
                            description="Train the warm-up LoRA, merge it and save the model folder in "
                                        "the cache; a no-op when the same settings are cached.")
     _settings_arguments(build)

@@ -37,7 +37,7 @@ from nslora_plugin.apps.student.rules import (
     word_cap,
 )
 
-__all__ = ["GENERATED_VERSION", "generated_warmup_rules", "last_line_upper"]
+__all__ = ["GENERATED_VERSION", "generated_warmup_rules", "last_line_upper", "vocabulary_clashes"]
 
 #: Part of the warmed student's cache key when it is built on generated rules: bump it when a
 #: vocabulary, a template or the way instances are drawn changes.
@@ -166,6 +166,17 @@ def last_line_upper(name: str, family: str, phrasings: Sequence[str]) -> FormatR
     return FormatRule(name, family, "casing", tuple(phrasings), transform=transform, check=check)
 
 
+def vocabulary_clashes() -> list[tuple[str, str]]:
+    """`(word, banned)` for every vocabulary word that holds a word of the evaluation family.
+
+    Checked over the whole vocabulary, not only the words a seed happens to draw, so a bad word
+    fails every seed alike instead of some `--seed` values only.
+    """
+    words = [*_MARK_WORDS, *_PREFIXES, *_TAGS, *_CODES, *_SYMBOLS,
+             *(x for pair in _PAIRS for x in pair), *(x for pair in _KEY_PAIRS for x in pair)]
+    return [(w, banned) for w in words for banned in _BANNED if banned in w.casefold()]
+
+
 def _name(kind: str, i: int) -> str:
     """`gen_<kind, 3 letters>_<i>`: no evaluation word (like "units") even in a rule's name."""
     return f"gen_{kind[:3]}_{i}"
@@ -200,7 +211,8 @@ def _instances(rng: random.Random, kind: str, n: int) -> list[FormatRule]:
             out.append(inline_wrap(_name("wrapper", i), W, left, right,
                                    _phrasings(rng, _TEMPLATES["pair"], l=left, r=right)))
     elif kind == "casing":
-        makers = (("lower", lambda nm, ph: casing(nm, W, False, ph)), ("title", lambda nm, ph: title_case(nm, W, ph)),
+        makers = (("lower", lambda nm, ph: casing(nm, W, False, ph)),
+                  ("title", lambda nm, ph: title_case(nm, W, ph)),
                   ("upper_last", lambda nm, ph: last_line_upper(nm, W, ph)))
         for i in range(n):
             style, make = makers[i % len(makers)]
@@ -241,6 +253,10 @@ def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None
     Raises `ValueError` if an instance would share a surface string, or a word of one, with the
     evaluation family: that would break the disjointness the compliance benchmark relies on.
     """
+    clashes = vocabulary_clashes()
+    if clashes:
+        raise ValueError(f"generated-rule vocabulary words {clashes} hold words of the evaluation "
+                         "family; change them")
     counts = dict(DEFAULT_PER_KIND if per_kind is None else per_kind)
     rng = random.Random(f"nslora-generated-rules:{seed}:{GENERATED_VERSION}")
     rules: list[FormatRule] = []
@@ -249,7 +265,7 @@ def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None
     for rule in rules:
         text = " ".join(rule.surface + rule.phrasings)
         shared = surface_strings_in(text, EVAL_RULES)
-        banned = [w for w in _BANNED for s in rule.surface if w in s.casefold()]
+        banned = [w for w in _BANNED for s in rule.surface if w in s.casefold()]  # e.g. "Final" + ":"
         if shared or banned:
             raise ValueError(f"generated rule {rule.name} shares {shared or banned} with the "
                              "evaluation family; change its vocabulary")
