@@ -69,14 +69,15 @@ def test_no_surface_string_is_shared_between_the_families():
     assert surface_strings_in(warm_text, EVAL_RULES) == []
 
 
-@pytest.mark.parametrize("rule_set", ["generated", "fixed"])
+@pytest.mark.parametrize("rule_set", ["generated", "generated-v2", "fixed"])
 @pytest.mark.parametrize("rows,seed", [(WarmupSettings().rows, WarmupSettings().seed), (3000, 1)])
 def test_no_evaluation_surface_string_appears_anywhere_in_the_warmup_data(rows, seed, rule_set):
     """System prompts, questions and replies of the warm-up rows: none carries an evaluation rule's
     marker, wrapper, JSON key, prefix, bullet symbol or unit."""
     from nslora_plugin.apps.student.generated import generated_warmup_rules
 
-    rules = generated_warmup_rules(seed) if rule_set == "generated" else WARMUP_RULES
+    rules = {"generated": generated_warmup_rules(seed), "fixed": WARMUP_RULES,
+             "generated-v2": generated_warmup_rules(seed, version=2)}[rule_set]
     data = make_warmup_rows(rows, seed=seed, rules=rules)
     assert {r["rule"] for r in data if r["rule"]} <= {r.name for r in rules}
     assert surface_strings_in(_all_text(data), EVAL_RULES) == []
@@ -107,6 +108,26 @@ def test_generated_rules_cover_every_kind_and_share_nothing_with_the_evaluation_
     assert [r.surface for r in generated_warmup_rules(1)] != [r.surface for r in rules]
 
 
+def test_the_default_generated_rules_are_drawn_as_when_the_student_was_built():
+    """The default student's cache key covers its rule set only through `GENERATED_VERSION`: the
+    version-1 draw must stay exactly what it was when that student was built (a digest of names,
+    surfaces and phrasings taken then). Version 2 draws other rules, more of the kinds version 1
+    drew few of."""
+    import hashlib
+
+    from nslora_plugin.apps.student.generated import GENERATED_VERSION, generated_warmup_rules
+
+    first = generated_warmup_rules(0)
+    digest = hashlib.sha256(json.dumps([(r.name, r.surface, r.phrasings) for r in first]).encode())
+    assert digest.hexdigest()[:16] == "6f7f71248fc38fea"
+    assert len(first) == 87 and GENERATED_VERSION == 1
+    wider = generated_warmup_rules(0, version=2)
+    for kind in ("wrapper", "prefix", "bullets"):
+        assert sum(r.kind == kind for r in wider) > sum(r.kind == kind for r in first), kind
+    with pytest.raises(ValueError, match="version must be one of"):
+        generated_warmup_rules(0, version=7)
+
+
 def test_generated_rules_refuse_a_vocabulary_that_touches_the_evaluation_family(monkeypatch):
     import nslora_plugin.apps.student.generated as generated
 
@@ -134,11 +155,13 @@ def test_generated_rules_build_for_any_seed():
         assert len(generated.generated_warmup_rules(seed)) == sum(generated.DEFAULT_PER_KIND.values())
 
 
-def test_generated_rules_transforms_obey_their_checkers():
+@pytest.mark.parametrize("version", [1, 2])
+def test_generated_rules_transforms_obey_their_checkers(version):
     from nslora_plugin.apps.student.generated import generated_warmup_rules
 
     questions = make_questions(240, seed=3)
-    for rule in generated_warmup_rules():
+    loose = 0
+    for rule in generated_warmup_rules(version=version):
         items = [q for q in questions if rule.applies_to(q)]
         assert len(items) >= 40, rule.name
         for item in items:
@@ -148,9 +171,11 @@ def test_generated_rules_transforms_obey_their_checkers():
         # fit the shorter plain replies: 102 of these 240)
         plain = [rule.check(item.text) for item in items]
         if rule.kind == "length":
-            assert sum(plain) < 0.5 * len(items), rule.name
+            loose += sum(plain) >= 0.5 * len(items)
         else:
             assert not any(plain), rule.name
+    # most caps bind; version 2 also draws a cap of 150 characters, which most plain replies meet
+    assert loose <= (version - 1), loose
 
 
 def test_surface_search_finds_what_it_should():
@@ -303,8 +328,18 @@ def test_cache_key_follows_settings_base_and_registry(tiny_base, tokenizer, tmp_
     assert cache_key(fixed, fp) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     fixed_key = cache_key(fixed, fp)
     assert fixed_key != key
+    # generated keys: the version, with the rule set named "generated" as when only one existed
+    for rule_set, version in (("generated", 1), ("generated-v2", 2)):
+        drawn = replace(TINY_SETTINGS, rule_set=rule_set)
+        then = {"settings": {**dataclasses.asdict(drawn), "rule_set": "generated"}, "base": fp,
+                "registry": warmup.REGISTRY_VERSION, "recipe": warmup.RECIPE_VERSION,
+                "generated": version}
+        assert cache_key(drawn, fp) == hashlib.sha256(json.dumps(then, sort_keys=True).encode()).hexdigest()[:16]
+    wider = cache_key(replace(TINY_SETTINGS, rule_set="generated-v2"), fp)
+    assert wider not in (key, fixed_key)
     monkeypatch.setattr(warmup, "GENERATED_VERSION", 999)
     assert cache_key(TINY_SETTINGS, fp) != key and cache_key(fixed, fp) == fixed_key
+    assert cache_key(replace(TINY_SETTINGS, rule_set="generated-v2"), fp) == wider
 
 
 def test_settings_are_validated():
@@ -312,7 +347,7 @@ def test_settings_are_validated():
         WarmupSettings(steps=0)
     with pytest.raises(ValueError, match="neutral_share"):
         WarmupSettings(neutral_share=1.0)
-    with pytest.raises(ValueError, match="rule_set must be one of generated, fixed, got 'nope'"):
+    with pytest.raises(ValueError, match="rule_set must be one of generated, generated-v2, fixed, got 'nope'"):
         WarmupSettings(rule_set="nope")
 
 

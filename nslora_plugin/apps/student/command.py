@@ -42,8 +42,9 @@ def _settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=d.seed, help=f"seed of rows and training (default {d.seed})")
     group.add_argument("--rule-set", choices=RULE_SETS, default=d.rule_set,
                        help="generated: many warm-up rules, each with its own markers, tags and keys; "
-                            "fixed: the first warm-up's 19 rules (the student the committed evidence "
-                            f"was measured on) (default {d.rule_set})")
+                            "generated-v2: more of them, from larger vocabularies (measured no better, "
+                            "recipes/results/student.md); fixed: the first warm-up's 19 rules (the "
+                            f"student the committed evidence was measured on) (default {d.rule_set})")
 
 
 def _threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -37,11 +37,17 @@ from nslora_plugin.apps.student.rules import (
     word_cap,
 )
 
-__all__ = ["GENERATED_VERSION", "generated_warmup_rules", "last_line_upper", "vocabulary_clashes"]
+__all__ = ["GENERATED_VERSION", "GENERATED_VERSIONS", "first_line_upper", "generated_warmup_rules",
+           "last_line_upper", "vocabulary_clashes"]
 
-#: Part of the warmed student's cache key when it is built on generated rules: bump it when a
-#: vocabulary, a template or the way instances are drawn changes.
+#: The version `rule_set="generated"` draws, part of the warmed student's cache key: a changed
+#: vocabulary, template or way of drawing is a new version, and every version stays drawable
+#: (`generated_warmup_rules(version=...)`) so a student built on one can be rebuilt under its key.
 GENERATED_VERSION = 1
+#: Every version `generated_warmup_rules` can draw. Version 2 (`rule_set="generated-v2"`) draws
+#: more instances from larger vocabularies; measured on fresh items it followed the evaluation
+#: rules no better than version 1 (recipes/results/student.md), so it is not the default.
+GENERATED_VERSIONS = (1, 2)
 
 #: Words of the evaluation family's surface strings; no generated surface string contains one.
 _BANNED = ("answer", "final", "verdict", "quick", "take", "response", "reasoning", "unit", "{{",
@@ -75,6 +81,27 @@ _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven
 _WORD_CAPS = (6, 7, 8, 9, 10, 11, 12, 14, 15)
 _CHAR_CAPS = (40, 45, 50, 70, 80, 90, 100, 120)
 _CODES = ("pcs", "ea", "items", "pieces", "ct", "qty", "nos", "pc", "lots", "objects", "things")
+
+# Version 2 adds words (version 1's first, so its draws stay what they were): the version-1 student
+# followed a new marker far more often than a new whole-reply tag or prefix, having seen 7 tag
+# names and 10 prefixes, so version 2 draws more instances of the kinds with few and small
+# vocabularies (and a cap of 150 characters, which most plain replies already meet).
+_PREFIXES_V2 = _PREFIXES + (
+    "Here it is:", "Let me help.", "In a nutshell:", "Heads up:", "My view:", "First off,",
+    "Brief note:", "Very well:", "Plainly put:", "Glad you asked.", "Summing up:", "In a word:",
+    "Consider this:", "As asked:", "Simple:", "Hey there.", "Greetings.", "Ready?", "So then:",
+    "Let us see:", "Alright then,", "Right away:", "With pleasure:", "Here goes:")
+_TAGS_V2 = _TAGS + (
+    "memo", "entry", "post", "part", "section", "item", "span", "para", "frame", "panel", "box",
+    "chunk", "field", "slot", "cell", "record", "doc", "page", "letter", "speech", "talk",
+    "words", "main", "core", "full", "whole", "all", "message", "writeup")
+_PAIRS_V2 = _PAIRS + (("<n>", "</n>"), ("<ok>", "</ok>"), ("<i>", "</i>"), ("<em>", "</em>"),
+                      ("<|", "|>"), ("^^", "^^"), ("@@", "@@"), ("[:", ":]"), ("<:", ":>"))
+_MARK_WORDS_V2 = _MARK_WORDS + ("Score", "Count", "Thus", "Net", "Sum", "Readout", "Report",
+                                "Closing", "End", "Wrap-up", "Point", "Bottom")
+_CODES_V2 = _CODES + ("bits", "heads", "kits", "sets", "bunches", "packs", "tokens", "bags")
+_CHAR_CAPS_V2 = _CHAR_CAPS + (35, 55, 65, 75, 110, 150)
+_SYMBOLS_V2 = _SYMBOLS + ("~", "◆", "»", "x", "%", "$")
 
 _TEMPLATES: dict[str, tuple[str, ...]] = {
     "marker": (
@@ -140,6 +167,9 @@ _CASING = {
     "title": ("Capitalize the first letter of every word in your reply.",
               "Write the reply in title case: Every Word Starts With A Capital.",
               "Start each word you write with a capital letter."),
+    "upper_first": ("Write the first line of your reply in capital letters, the rest as usual.",
+                    "Open with one line in CAPITALS, then continue normally.",
+                    "Your opening sentence must be all capital letters."),
     "upper_last": ("Put the conclusion on a last line written in capital letters.",
                    "End with one line in CAPITAL LETTERS that states the conclusion.",
                    "Your closing line must be all capitals."),
@@ -166,15 +196,38 @@ def last_line_upper(name: str, family: str, phrasings: Sequence[str]) -> FormatR
     return FormatRule(name, family, "casing", tuple(phrasings), transform=transform, check=check)
 
 
+def first_line_upper(name: str, family: str, phrasings: Sequence[str]) -> FormatRule:
+    """The reply's first line is in capital letters and at least one more line follows.
+
+    Like `last_line_upper`, capitals on part of the reply, never the whole reply (the evaluation
+    family's rule).
+    """
+    lower = re.compile("[a-z]")
+
+    def check(reply: str) -> bool:
+        lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        return (len(lines) >= 2 and sum(c.isalpha() for c in first) >= 3 and not lower.search(first)
+                and any(lower.search(line) for line in lines[1:]))
+
+    def transform(p: Plain) -> str:
+        return f"{p.points[0].upper()}\n{' '.join(p.points[1:])}"
+
+    return FormatRule(name, family, "casing", tuple(phrasings), transform=transform, check=check)
+
+
 def vocabulary_clashes() -> list[tuple[str, str]]:
     """`(word, banned)` for every vocabulary word that holds a word of the evaluation family.
 
     Checked over the whole vocabulary, not only the words a seed happens to draw, so a bad word
     fails every seed alike instead of some `--seed` values only.
     """
-    words = [*_MARK_WORDS, *_PREFIXES, *_TAGS, *_CODES, *_SYMBOLS,
-             *(x for pair in _PAIRS for x in pair), *(x for pair in _KEY_PAIRS for x in pair)]
-    return [(w, banned) for w in words for banned in _BANNED if banned in w.casefold()]
+    words: list[str] = [x for pair in _KEY_PAIRS for x in pair]
+    for version in GENERATED_VERSIONS:
+        v = _vocabulary(version)
+        words += [*v["marks"], *v["prefixes"], *v["tags"], *v["codes"], *v["symbols"],
+                  *(x for pair in v["pairs"] for x in pair)]
+    return sorted({(w, banned) for w in words for banned in _BANNED if banned in w.casefold()})
 
 
 def _name(kind: str, i: int) -> str:
@@ -186,40 +239,52 @@ def _phrasings(rng: random.Random, templates: Sequence[str], k: int = 3, **slots
     return tuple(t.format(**slots) for t in rng.sample(list(templates), min(k, len(templates))))
 
 
-def _instances(rng: random.Random, kind: str, n: int) -> list[FormatRule]:
-    """`n` distinct rules of `kind` (`rules.KINDS`)."""
+def _vocabulary(version: int) -> dict[str, tuple]:
+    if version == 1:
+        return {"marks": _MARK_WORDS, "prefixes": _PREFIXES, "tags": _TAGS, "pairs": _PAIRS,
+                "codes": _CODES, "char_caps": _CHAR_CAPS, "symbols": _SYMBOLS,
+                "casings": ("lower", "title", "upper_last")}
+    return {"marks": _MARK_WORDS_V2, "prefixes": _PREFIXES_V2, "tags": _TAGS_V2, "pairs": _PAIRS_V2,
+            "codes": _CODES_V2, "char_caps": _CHAR_CAPS_V2, "symbols": _SYMBOLS_V2,
+            "casings": ("lower", "title", "upper_last", "upper_first")}
+
+
+def _instances(rng: random.Random, kind: str, n: int, vocab: dict[str, tuple]) -> list[FormatRule]:
+    """`n` distinct rules of `kind` (`rules.KINDS`) drawn from `vocab` (`_vocabulary`)."""
     out: list[FormatRule] = []
     W = WARMUP
     if kind == "marker":
         seen: set[str] = set()
         while len(out) < n:
-            mark = f"{rng.choice(_MARK_WORDS)}{rng.choice(_MARK_SEPS)}"
+            mark = f"{rng.choice(vocab['marks'])}{rng.choice(_MARK_SEPS)}"
             if mark in seen:
                 continue
             seen.add(mark)
             out.append(marker(_name("marker", len(out)), W, mark,
                               _phrasings(rng, _TEMPLATES["marker"], m=mark)))
     elif kind == "prefix":
-        for i, start in enumerate(rng.sample(_PREFIXES, n)):
+        for i, start in enumerate(rng.sample(vocab["prefixes"], n)):
             out.append(prefix(_name("prefix", i), W, start, _phrasings(rng, _TEMPLATES["prefix"], s=start)))
     elif kind == "wrapper":
-        tags = rng.sample(_TAGS, n // 2)
-        pairs = rng.sample(_PAIRS, n - n // 2)
+        tags = rng.sample(vocab["tags"], n // 2)
+        pairs = rng.sample(vocab["pairs"], n - n // 2)
         for i, tag in enumerate(tags):
             out.append(whole_tag(_name("wrapper", i), W, tag, _phrasings(rng, _TEMPLATES["tag"], t=tag)))
         for i, (left, right) in enumerate(pairs, start=len(tags)):
             out.append(inline_wrap(_name("wrapper", i), W, left, right,
                                    _phrasings(rng, _TEMPLATES["pair"], l=left, r=right)))
     elif kind == "casing":
-        makers = (("lower", lambda nm, ph: casing(nm, W, False, ph)),
-                  ("title", lambda nm, ph: title_case(nm, W, ph)),
-                  ("upper_last", lambda nm, ph: last_line_upper(nm, W, ph)))
+        makers = {"lower": lambda nm, ph: casing(nm, W, False, ph),
+                  "title": lambda nm, ph: title_case(nm, W, ph),
+                  "upper_last": lambda nm, ph: last_line_upper(nm, W, ph),
+                  "upper_first": lambda nm, ph: first_line_upper(nm, W, ph)}
+        styles = vocab["casings"]
         for i in range(n):
-            style, make = makers[i % len(makers)]
-            out.append(make(_name("casing", i), _phrasings(rng, _CASING[style])))
+            style = styles[i % len(styles)]
+            out.append(makers[style](_name("casing", i), _phrasings(rng, _CASING[style])))
     elif kind == "length":
         words = rng.sample(_WORD_CAPS, (n + 1) // 2)
-        chars = rng.sample(_CHAR_CAPS, n // 2)
+        chars = rng.sample(vocab["char_caps"], n // 2)
         for i, cap in enumerate(words):
             out.append(word_cap(_name("length", i), W, cap,
                                 _phrasings(rng, _TEMPLATES["words"], n=cap, w=_NUMBER_WORDS[cap])))
@@ -229,13 +294,13 @@ def _instances(rng: random.Random, kind: str, n: int) -> list[FormatRule]:
         for i, (a, d) in enumerate(rng.sample(_KEY_PAIRS, n)):
             out.append(json_keys(_name("json", i), W, a, d, _phrasings(rng, _TEMPLATES["json"], a=a, d=d)))
     elif kind == "bullets":
-        combos = [(s, c) for s in _SYMBOLS for c in _COUNTS]
+        combos = [(s, c) for s in vocab["symbols"] for c in _COUNTS]
         for i, (symbol, count) in enumerate(rng.sample(combos, n)):
             out.append(bullets(_name("bullets", i), W, symbol, count,
                                _phrasings(rng, _TEMPLATES["bullets"], n=count, w=_NUMBER_WORDS[count],
                                           b=symbol)))
     elif kind == "units":
-        for i, code in enumerate(rng.sample(_CODES, n)):
+        for i, code in enumerate(rng.sample(vocab["codes"], n)):
             out.append(unit(_name("units", i), W, code, _phrasings(rng, _TEMPLATES["units"], c=code)))
     else:
         raise ValueError(f"unknown rule kind {kind!r}")
@@ -243,12 +308,20 @@ def _instances(rng: random.Random, kind: str, n: int) -> list[FormatRule]:
 
 
 #: How many instances of each kind `generated_warmup_rules` draws by default.
-DEFAULT_PER_KIND = {"marker": 14, "prefix": 10, "wrapper": 14, "casing": 9, "length": 10,
-                    "json": 10, "bullets": 12, "units": 8}
+#: How many instances of each kind each version draws.
+PER_KIND = {
+    1: {"marker": 14, "prefix": 10, "wrapper": 14, "casing": 9, "length": 10, "json": 10,
+        "bullets": 12, "units": 8},
+    2: {"marker": 12, "prefix": 16, "wrapper": 28, "casing": 12, "length": 14, "json": 10,
+        "bullets": 16, "units": 10},
+}
+DEFAULT_PER_KIND = PER_KIND[GENERATED_VERSION]
 
 
-def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None) -> tuple[FormatRule, ...]:
-    """Warm-up rule instances, deterministic from `seed`, `per_kind[kind]` of each kind.
+def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None,
+                           version: int = GENERATED_VERSION) -> tuple[FormatRule, ...]:
+    """Warm-up rule instances, deterministic from `seed` and `version`, `per_kind[kind]` of each
+    kind (default: that version's `PER_KIND`).
 
     Raises `ValueError` if an instance would share a surface string, or a word of one, with the
     evaluation family: that would break the disjointness the compliance benchmark relies on.
@@ -257,11 +330,14 @@ def generated_warmup_rules(seed: int = 0, per_kind: dict[str, int] | None = None
     if clashes:
         raise ValueError(f"generated-rule vocabulary words {clashes} hold words of the evaluation "
                          "family; change them")
-    counts = dict(DEFAULT_PER_KIND if per_kind is None else per_kind)
-    rng = random.Random(f"nslora-generated-rules:{seed}:{GENERATED_VERSION}")
+    if version not in GENERATED_VERSIONS:
+        raise ValueError(f"generated rule version must be one of {GENERATED_VERSIONS}, got {version!r}")
+    counts = dict(PER_KIND[version] if per_kind is None else per_kind)
+    rng = random.Random(f"nslora-generated-rules:{seed}:{version}")
+    vocab = _vocabulary(version)
     rules: list[FormatRule] = []
     for kind in sorted(counts):
-        rules.extend(_instances(rng, kind, counts[kind]))
+        rules.extend(_instances(rng, kind, counts[kind], vocab))
     for rule in rules:
         text = " ".join(rule.surface + rule.phrasings)
         shared = surface_strings_in(text, EVAL_RULES)

@@ -61,8 +61,9 @@ __all__ = [
     "warm_student",
 ]
 
-#: The warm-up rule sets `WarmupSettings.rule_set` accepts.
-RULE_SETS = ("generated", "fixed")
+#: The warm-up rule sets `WarmupSettings.rule_set` accepts: "generated" draws
+#: `generated.GENERATED_VERSION`, "generated-v2" the wider draw that measured no better.
+RULE_SETS = ("generated", "generated-v2", "fixed")
 #: Bumped when the training recipe (not its settings) changes: part of the cache key.
 RECIPE_VERSION = 1
 #: Written last into a finished student folder: provenance, settings and the cache key.
@@ -92,8 +93,10 @@ class WarmupSettings:
     neutral_share: float = 0.35
     max_length: int = 384
     #: "generated": many rule instances, each with its own markers, tags, keys and phrasings
-    #: (`generated.generated_warmup_rules`); "fixed": the 19 rules of `rules.WARMUP_RULES`, the
-    #: first warm-up (the student `recipes/results/evidence.md` was measured on).
+    #: (`generated.generated_warmup_rules`); "generated-v2": more instances from larger
+    #: vocabularies (measured no better, recipes/results/student.md); "fixed": the 19 rules of
+    #: `rules.WARMUP_RULES`, the first warm-up (the student `recipes/results/evidence.md` was
+    #: measured on).
     rule_set: str = "generated"
 
     def __post_init__(self) -> None:
@@ -172,13 +175,19 @@ def cache_key(settings: WarmupSettings, base_fingerprint: str) -> str:
     fields = dataclasses.asdict(settings)
     payload: dict[str, Any] = {"base": base_fingerprint, "registry": REGISTRY_VERSION,
                                "recipe": RECIPE_VERSION}
-    if fields.pop("rule_set") == "generated":
-        # Keys of the fixed rule set stay what they were before rule sets existed, so the student
-        # the committed evidence was measured on can be rebuilt under its recorded key.
+    rule_set = fields.pop("rule_set")
+    if rule_set.startswith("generated"):
+        # Keys of the fixed rule set stay what they were before rule sets existed, and a generated
+        # version's key what it was when that version was current, so the students the committed
+        # results were measured on can be rebuilt under their recorded keys.
         fields["rule_set"] = "generated"
-        payload["generated"] = GENERATED_VERSION
+        payload["generated"] = _generated_version(rule_set)
     payload["settings"] = fields
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _generated_version(rule_set: str) -> int:
+    return 2 if rule_set == "generated-v2" else GENERATED_VERSION
 
 
 def _safe_name(name: str) -> str:
@@ -339,7 +348,8 @@ def warmup_dataset_rows(settings: WarmupSettings) -> list[dict[str, Any]]:
     reply only)."""
     from nslora_plugin.core.chat import chat_messages
 
-    rules = generated_warmup_rules(settings.seed) if settings.rule_set == "generated" else WARMUP_RULES
+    rules = (generated_warmup_rules(settings.seed, version=_generated_version(settings.rule_set))
+             if settings.rule_set.startswith("generated") else WARMUP_RULES)
     rows = make_warmup_rows(settings.rows, seed=settings.seed, neutral_share=settings.neutral_share,
                             rules=rules)
     return [{"prompt": chat_messages(r["system_prompt"], r["question"]),
