@@ -75,3 +75,17 @@ def test_demo_comparison_names_a_tie_and_a_lead():
     apart = compare_held_out(report([1] * 30 + [0] * 2), report([1] * 2 + [0] * 30))
     assert apart["call"] == "NSLoRA ahead" and apart["interval95"][0] > 0
     assert "NSLoRA ahead" in comparison_line(apart) and "(1 task seed × 1 seed × 32 items)" in comparison_line(apart)
+
+
+def test_demo_checks_at_start_half_way_and_end_and_gives_its_own_editor_a_short_budget(tmp_path):
+    """The demo's cadence and editor budget (its run time): the one symbolic round happens at the
+    start, so checks every max_steps // 2 suffice; the embedded editor the demo starts writes no
+    TextGrad tags at any length, so it gets the short budget and a named endpoint the usual one."""
+    from nslora_plugin.apps.harness.demo import EDITOR_MAX_TOKENS, OWN_EDITOR_MAX_TOKENS, demo_config
+
+    args = build_parser().parse_args(["--max-steps", "20", "--entities", "3"])
+    own = demo_config(args, tmp_path, own_editor=True)
+    named = demo_config(args, tmp_path)
+    assert own.check_every == named.check_every == 10 and own.check_at_start
+    assert own.max_symbolic_rounds == 1
+    assert own.editor_max_tokens == OWN_EDITOR_MAX_TOKENS < named.editor_max_tokens == EDITOR_MAX_TOKENS

@@ -75,13 +75,25 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def demo_config(args: argparse.Namespace, output_dir: Path, task: Any = None) -> NSLoRAConfig:
+#: Reply budget of the editor the demo starts itself (the embedded 135M model): it writes no
+#: TextGrad tags whatever its budget, and the constraint editor then stands in, so a long reply
+#: only costs time. An endpoint the user names keeps `EDITOR_MAX_TOKENS`.
+OWN_EDITOR_MAX_TOKENS = 96
+EDITOR_MAX_TOKENS = 200
+
+
+def demo_config(args: argparse.Namespace, output_dir: Path, task: Any = None, *,
+                own_editor: bool = False) -> NSLoRAConfig:
+    """The NSLoRA settings of the demo's run; `own_editor`: the editor is the server the demo
+    started on the embedded model (a shorter reply budget, `OWN_EDITOR_MAX_TOKENS`)."""
     task = task or demo_task(args)
-    check_every = max(args.max_steps // 4, 1)
+    # Checks at the start, half way and at the end: the one symbolic round happens at the start.
+    check_every = max(args.max_steps // 2, 1)
     settings: dict[str, Any] = dict(
         **task.config_overrides(), check_every=check_every, check_at_start=True,
         monitor_window=max(check_every // 2, 2), probe_size=args.probe_size,
-        probe_max_new_tokens=48, probe_batch_size=16, editor_batch_size=1, editor_max_tokens=200,
+        probe_max_new_tokens=48, probe_batch_size=16, editor_batch_size=1,
+        editor_max_tokens=OWN_EDITOR_MAX_TOKENS if own_editor else EDITOR_MAX_TOKENS,
         editor_timeout=90.0, max_symbolic_rounds=1, output_dir=str(output_dir / "nslora"),
         seed=args.seed, editor="constraint" if args.no_editor_llm else "textgrad",
         editor_base_url=args.editor_base_url, editor_model=args.editor_model)
@@ -200,9 +212,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         return build_demo_trainer(args, model_path, tokenizer, rows, prompt, folder,
                                   save=save, console=console)
 
+    own_editor = not (args.no_editor_llm or args.editor_base_url)
     with editor_endpoint(args, model_path, output_dir, console) as (base_url, editor_model):
         args.editor_base_url, args.editor_model = base_url, editor_model
-        config = demo_config(args, output_dir, task)
+        config = demo_config(args, output_dir, task, own_editor=own_editor)
         evaluator = ProbeEvaluator(tokenizer, load_probe_examples(task.held_out), config,
                                    make_plugin_manager(config))
         check_no_answer_in_prompt(task.held_out, config.system_prompt, "the initial system prompt",
