@@ -21,6 +21,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # OpenMP threads that spin while waiting starve the other process when a test runs a training job
 # next to an editor server or a framework subprocess on few cores; passive waiting does not.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`-n`, pyproject's addopts) each worker takes its share of the cores, so the
+# workers' tiny training jobs and the subprocesses they start do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(_share, 1)))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker a core, at most four (each loads the 135M model and its own editor
+    server; more would cost memory, not time, on the tests' small jobs)."""
+    return max(min(os.cpu_count() or 1, 4), 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_demo_checks_at_start_half_way_and_end_and_gives_its_own_editor_a_short_
     TextGrad tags at any length, so it gets the short budget and a named endpoint the usual one."""
     from nslora_plugin.apps.harness.demo import EDITOR_MAX_TOKENS, OWN_EDITOR_MAX_TOKENS, demo_config
 
-    args = build_parser().parse_args(["--max-steps", "20", "--entities", "3"])
+    args = build_parser().parse_args(["--max-steps", "20"])
     own = demo_config(args, tmp_path, own_editor=True)
     named = demo_config(args, tmp_path)
     assert own.check_every == named.check_every == 10 and own.check_at_start
