@@ -307,8 +307,7 @@ def _instances(rng: random.Random, kind: str, n: int, vocab: dict[str, tuple]) -
     return out
 
 
-#: How many instances of each kind `generated_warmup_rules` draws by default.
-#: How many instances of each kind each version draws.
+#: How many instances of each kind each version draws (`DEFAULT_PER_KIND`: the default version's).
 PER_KIND = {
     1: {"marker": 14, "prefix": 10, "wrapper": 14, "casing": 9, "length": 10, "json": 10,
         "bullets": 12, "units": 8},
